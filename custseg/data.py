@@ -169,15 +169,21 @@ class _Checked:
     issues: list[_Issue]
 
 
-def _string_nulls(values: np.ndarray) -> np.ndarray:
-    """True where an object array holds a null or a blank string."""
-    null = pd.isna(values)
-    text = ~null & np.fromiter((isinstance(v, str) for v in values), bool, len(values))
-    if text.any():
-        idx = np.flatnonzero(text)
-        blank = np.fromiter((not values[i].strip() for i in idx), bool, len(idx))
-        null[idx[blank]] = True
-    return null
+def _text(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """(values as trimmed text with NA, mask of null or blank cells), vectorised."""
+    text = series if isinstance(series.dtype, pd.StringDtype) else series.astype("str")
+    stripped = text.str.strip()
+    null = (stripped.isna() | (stripped == "")).to_numpy(dtype=bool)
+    return stripped, null
+
+
+def _parse_numbers(stripped: pd.Series, null: np.ndarray) -> np.ndarray:
+    """Text to float64 (NaN where null or not a number); pyarrow's fast cast when every cell parses."""
+    try:
+        array = pa.array(stripped.where(~null, None), type=pa.string(), from_pandas=True)
+        return pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return pd.to_numeric(stripped, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
 
 
 def _check_numeric(series: pd.Series, feature: Feature) -> _Checked:
@@ -187,14 +193,16 @@ def _check_numeric(series: pd.Series, feature: Feature) -> _Checked:
         null = series.isna().to_numpy()
         number = series.to_numpy(dtype="float64", na_value=np.nan)
         bad_type = np.zeros(len(series), bool) if feature.name == "loyalty_program" else ~null
-    elif pd.api.types.is_numeric_dtype(series):
+    elif pd.api.types.is_numeric_dtype(series) or (
+        series.dtype == object
+        and pd.api.types.infer_dtype(series, skipna=True) in ("integer", "floating", "mixed-integer-float")
+    ):
         number = series.to_numpy(dtype="float64", na_value=np.nan)
         null = np.isnan(number)
         bad_type = np.zeros(len(series), bool)
     else:
-        raw = series.to_numpy(dtype=object)
-        null = _string_nulls(raw)
-        number = pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+        stripped, null = _text(series)
+        number = _parse_numbers(stripped, null)
         bad_type = ~null & np.isnan(number)
     finite = np.isfinite(number)
     not_int = np.zeros(len(series), bool)
@@ -312,7 +320,9 @@ def _aggregate(column: str, kind: str, mask: np.ndarray, raw: np.ndarray | None,
     if len(idx) == 0:
         return None
     examples = "" if raw is None else f" (e.g. {_examples_text(raw, idx)})"
-    message = f"{len(idx):,} value(s) {kind}{examples}; {fix}; {_rows_text(idx)}"
+    kind = kind.removeprefix("is ")
+    rows = f"; {_rows_text(idx)}" if len(idx) > 1 else ""  # one row: Problem.row already says which
+    message = f"{len(idx):,} value(s) {kind}{examples}; {fix}{rows}"
     return Problem(message, row=int(idx[0]) + 1, column=column)
 
 
@@ -353,15 +363,13 @@ def validate_frame(
     has_label = LABEL_COLUMN in df.columns
 
     if has_id:
-        raw = df[ID_COLUMN].to_numpy(dtype=object)
-        null = _string_nulls(raw)
-        ids = np.array(
-            [str(v).strip() if not n else "" for v, n in zip(raw, null, strict=True)], dtype=object
-        )
+        stripped, null = _text(df[ID_COLUMN])
+        ids = stripped.fillna("")
         problem = _aggregate(ID_COLUMN, "empty", null, None, "give every customer an id")
         if problem:
             problems.append(problem)
-        dup = pd.Series(ids).duplicated(keep=False).to_numpy() & ~null
+        dup = ids.duplicated(keep=False).to_numpy() & ~null
+        raw = df[ID_COLUMN].to_numpy(dtype=object) if dup.any() else None
         problem = _aggregate(ID_COLUMN, "duplicated", dup, raw, "customer ids must be unique")
         if problem:
             problems.append(problem)
@@ -387,10 +395,9 @@ def validate_frame(
         clean[feature.name] = checked.values
 
     if has_label:
-        raw = df[LABEL_COLUMN].to_numpy(dtype=object)
-        null = _string_nulls(raw)
-        labels = np.array([v.strip() if isinstance(v, str) else v for v in raw], dtype=object)
-        unknown = ~null & ~pd.Series(labels).isin(LABELS).to_numpy()
+        labels, null = _text(df[LABEL_COLUMN])
+        unknown = ~null & ~labels.isin(LABELS).to_numpy(dtype=bool)
+        raw = df[LABEL_COLUMN].to_numpy(dtype=object) if unknown.any() else None
         problem = _aggregate(LABEL_COLUMN, "empty", null, None, "every row needs a label for training")
         if problem:
             problems.append(problem)
@@ -406,7 +413,7 @@ def validate_frame(
 
     out: dict[str, pd.Series] = {}
     if has_id:
-        out[ID_COLUMN] = pd.Series(clean[ID_COLUMN], dtype=str)
+        out[ID_COLUMN] = pd.Series(np.asarray(clean[ID_COLUMN], dtype=object), dtype=str)
     for feature in FEATURES:
         values = clean[feature.name]
         if feature.kind == "int":
@@ -416,7 +423,7 @@ def validate_frame(
         else:
             out[feature.name] = pd.Series(values, dtype=str)
     if has_label:
-        out[LABEL_COLUMN] = pd.Series(clean[LABEL_COLUMN], dtype=str)
+        out[LABEL_COLUMN] = pd.Series(np.asarray(clean[LABEL_COLUMN], dtype=object), dtype=str)
     return pd.DataFrame(out)
 
 
