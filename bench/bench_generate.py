@@ -13,16 +13,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from custseg.data import generate, write_generated
+import pyarrow as pa
+
+from custseg.data import _chunk_rng, _generate_columns, write_generated
 
 
 def _naive_pandas_csv(path: Path, rows: int, seed: int, chunk_rows: int) -> int:
     written = 0
     chunk = 0
+    width = max(4, len(str(rows)))
     with path.open("w", newline="") as handle:
         while written < rows:
             n = min(chunk_rows, rows - written)
-            frame = generate(n, seed + chunk, start_id=written + 1, id_width=max(4, len(str(rows))))
+            # the same chunk write_generated writes, handed to pandas and written the usual way
+            columns = _generate_columns(n, _chunk_rng(seed, chunk), None, 0.005, written + 1, width)
+            frame = pa.table(columns).to_pandas()
             frame.to_csv(handle, index=False, header=chunk == 0)
             written += n
             chunk += 1
