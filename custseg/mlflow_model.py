@@ -1,0 +1,36 @@
+"""MLflow pyfunc for a custseg model, logged as "model from code" (nothing is pickled).
+
+``mlflow.pyfunc.load_model("models:/customer-segments@champion").predict(df)`` takes the ten raw
+columns (gender as text, any case) and returns segment labels. Pass ``params={"output": "probabilities"}``
+for a frame with the label and one probability column per segment. Loading needs custseg installed.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+from custseg.predict import Scorer
+
+
+class CustomerSegmentModel(PythonModel):
+    """Scores through the same `Scorer` as the API and batch (ONNX Runtime, sklearn fallback)."""
+
+    scorer: Scorer
+
+    def load_context(self, context):  # type: ignore[no-untyped-def]
+        self.scorer = Scorer.from_bundle(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        # No type hints here: MLflow would try to derive a second signature from them.
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        scores = self.scorer.score_frame(frame)
+        if (params or {}).get("output") == "probabilities":
+            out = pd.DataFrame(scores.probabilities, columns=[f"proba_{c}" for c in scores.classes])
+            out.insert(0, "prediction", scores.labels)
+            return out
+        return pd.Series(scores.labels, name="prediction")
+
+
+set_model(CustomerSegmentModel())

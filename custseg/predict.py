@@ -1,0 +1,277 @@
+"""The one scoring path: a model bundle (ONNX graph + skops pipeline) scored with ONNX Runtime.
+
+A *bundle* is a folder written at training time and stored with every registered model version:
+
+- ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
+- ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check;
+- ``bundle.json``    class order, the skops types to trust, parity results and check rows with the
+                     answers the pipeline gave at training time (re-checked on every load).
+
+The API, the batch scorer, the Azure entry script and the MLflow pyfunc all score through `Scorer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from custseg import schema
+from custseg.errors import DataValidationError, ModelLoadError, Problem
+
+logger = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+PIPELINE_FILE = "pipeline.skops"
+BUNDLE_FILE = "bundle.json"
+PROBA_TOLERANCE = 1e-5
+
+TRUSTED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.")
+"""skops loads only types from these modules; anything else in a bundle is refused."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Labels and class probabilities for a batch of rows (probability columns follow ``classes``)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    classes: tuple[str, ...]
+
+    def probability_records(self) -> list[dict[str, float]]:
+        return [dict(zip(self.classes, map(float, row), strict=True)) for row in self.probabilities]
+
+
+# -- building a bundle (training time) -------------------------------------------------------------
+
+
+def to_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Model inputs from a validated frame: one (n, 1) array per feature, float32 or str."""
+    columns: dict[str, np.ndarray] = {}
+    for name in schema.NUMERIC_FEATURES:
+        columns[name] = frame[name].to_numpy(dtype=np.float32).reshape(-1, 1)
+    for name in schema.CATEGORICAL_FEATURES:
+        columns[name] = frame[name].astype(str).to_numpy(dtype=object).reshape(-1, 1)
+    return columns
+
+
+def typed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Records as a frame with the schema's dtypes (int64, float64, str) — what the signature expects."""
+    frame = pd.DataFrame.from_records(records, columns=list(schema.FEATURE_NAMES))
+    for feature in schema.FEATURES:
+        dtype = {"int": "int64", "float": "float64", "category": "str"}[feature.kind]
+        frame[feature.name] = frame[feature.name].astype(dtype)
+    return frame
+
+
+def export_onnx(pipeline: Any) -> bytes:
+    """Convert the fitted pipeline to ONNX with one input per raw column and a plain probability tensor."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+
+    initial_types = [
+        (f.name, FloatTensorType([None, 1]) if f.is_numeric else StringTensorType([None, 1]))
+        for f in schema.FEATURES
+    ]
+    onnx_model = to_onnx(
+        pipeline,
+        initial_types=initial_types,
+        options={id(pipeline.steps[-1][1]): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    return bytes(onnx_model.SerializeToString())
+
+
+def check_parity(pipeline: Any, onnx_bytes: bytes, frame: pd.DataFrame) -> dict[str, float | int | bool]:
+    """Compare ONNX Runtime with scikit-learn on ``frame``: label agreement and largest probability gap."""
+    session = _onnx_session(onnx_bytes)
+    onnx_labels, onnx_proba = _run_onnx(session, to_columns(frame))
+    sk_labels = pipeline.predict(frame[list(schema.FEATURE_NAMES)])
+    sk_proba = pipeline.predict_proba(frame[list(schema.FEATURE_NAMES)])
+    mismatches = int((onnx_labels != sk_labels).sum())
+    max_gap = float(np.abs(onnx_proba - sk_proba).max()) if len(frame) else 0.0
+    return {
+        "rows": len(frame),
+        "label_mismatches": mismatches,
+        "max_probability_gap": max_gap,
+        "passed": mismatches == 0 and max_gap <= PROBA_TOLERANCE,
+    }
+
+
+def write_bundle(
+    folder: Path,
+    pipeline: Any,
+    check_frame: pd.DataFrame,
+    parity_frames: Mapping[str, pd.DataFrame],
+) -> dict[str, Any]:
+    """Write the bundle for ``pipeline``; returns its metadata (parity per frame, onnx used or not)."""
+    import skops.io as sio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sio.dump(pipeline, folder / PIPELINE_FILE)
+    trusted = sio.get_untrusted_types(file=folder / PIPELINE_FILE)
+    _refuse_foreign_types(trusted)
+
+    parity: dict[str, Any] = {}
+    onnx_ok = False
+    try:
+        onnx_bytes = export_onnx(pipeline)
+        parity = {name: check_parity(pipeline, onnx_bytes, f) for name, f in parity_frames.items()}
+        onnx_ok = all(p["passed"] for p in parity.values())
+        if onnx_ok:
+            (folder / ONNX_FILE).write_bytes(onnx_bytes)
+        else:
+            logger.warning("ONNX parity check failed (%s); the model will be served by scikit-learn", parity)
+    except Exception as exc:  # any converter failure means: serve with sklearn, loudly
+        logger.warning("ONNX export failed (%s); the model will be served by scikit-learn", exc)
+        parity = {"error": f"{type(exc).__name__}: {exc}"}
+
+    features = check_frame[list(schema.FEATURE_NAMES)]
+    meta = {
+        "format": 1,
+        "classes": [str(c) for c in pipeline.classes_],
+        "features": list(schema.FEATURE_NAMES),
+        "onnx": onnx_ok,
+        "parity": parity,
+        "skops_trusted_types": trusted,
+        "check_rows": json.loads(features.to_json(orient="records")),
+        "check_labels": [str(x) for x in pipeline.predict(features)],
+        "check_probabilities": pipeline.predict_proba(features).round(8).tolist(),
+    }
+    (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scorer:
+    """Scores raw customer rows; ``backend`` is ``onnx`` or ``sklearn`` (the fallback)."""
+
+    classes: tuple[str, ...]
+    backend: str
+    _session: Any = None
+    _pipeline: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, folder: str | Path, *, prefer_onnx: bool = True) -> Scorer:
+        """Load a bundle and re-check it against the answers recorded at training time."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / BUNDLE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{folder} is not a custseg model bundle ({exc})") from exc
+        classes = tuple(meta["classes"])
+        scorer: Scorer | None = None
+        if prefer_onnx and meta.get("onnx") and (folder / ONNX_FILE).exists():
+            try:
+                session = _onnx_session((folder / ONNX_FILE).read_bytes())
+                scorer = cls(classes=classes, backend="onnx", _session=session, meta=meta)
+                scorer.verify()
+            except Exception as exc:
+                logger.error(
+                    "ONNX model in %s failed to load or check (%s); falling back to sklearn", folder, exc
+                )
+                scorer = None
+        if scorer is None:
+            scorer = cls(
+                classes=classes, backend="sklearn", _pipeline=_load_pipeline(folder, meta), meta=meta
+            )
+            if prefer_onnx:
+                logger.warning("serving %s with scikit-learn: no usable ONNX graph", folder)
+            scorer.verify()
+        return scorer
+
+    def verify(self) -> None:
+        """Raise ModelLoadError unless the model reproduces the answers stored in its bundle."""
+        rows = self.meta.get("check_rows") or []
+        if not rows:
+            return
+        scores = self.score_frame(pd.DataFrame(rows))
+        expected = np.asarray(self.meta["check_labels"])
+        if not np.array_equal(scores.labels, expected):
+            raise ModelLoadError("model check failed: labels differ from those recorded at training time")
+        gap = float(np.abs(scores.probabilities - np.asarray(self.meta["check_probabilities"])).max())
+        if gap > 1e-4:
+            raise ModelLoadError(f"model check failed: probabilities differ by {gap:.2e}")
+
+    def score_columns(self, columns: Mapping[str, np.ndarray]) -> Scores:
+        """Score prepared inputs (see `to_columns`); gender must already be canonical."""
+        if self._session is not None:
+            labels, proba = _run_onnx(self._session, columns)
+        else:
+            frame = pd.DataFrame({name: np.asarray(columns[name]).ravel() for name in schema.FEATURE_NAMES})
+            for name in schema.NUMERIC_FEATURES:
+                frame[name] = frame[name].astype(np.float64)
+            labels = np.asarray(self._pipeline.predict(frame)).astype(str)
+            proba = self._pipeline.predict_proba(frame)
+        return Scores(labels=labels, probabilities=np.asarray(proba, dtype=np.float64), classes=self.classes)
+
+    def score_frame(self, frame: pd.DataFrame) -> Scores:
+        """Score a DataFrame of raw columns (gender as text, any case); raises on invalid values."""
+        return self.score_columns(to_columns(prepare_frame(frame)))
+
+
+def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Check the raw columns are present and gender known; return them with gender made canonical."""
+    missing = [c for c in schema.FEATURE_NAMES if c not in frame.columns]
+    if missing:
+        raise DataValidationError([Problem("missing column", column=c) for c in missing], source="input")
+    out = frame[list(schema.FEATURE_NAMES)].copy()
+    for name in schema.CATEGORICAL_FEATURES:
+        raw = out[name].astype(str)
+        canonical = raw.map(schema.normalize_gender)
+        bad = canonical.isna().to_numpy().nonzero()[0]
+        if len(bad):
+            raise DataValidationError(
+                [
+                    Problem(f"unknown value {raw.iloc[i]!r}; expected Male or Female", i + 1, name)
+                    for i in bad[:20]
+                ],
+                source="input",
+            )
+        out[name] = canonical
+    return out
+
+
+def _refuse_foreign_types(types: list[str]) -> None:
+    foreign = [t for t in types if not t.startswith(TRUSTED_TYPE_PREFIXES)]
+    if foreign:
+        raise ModelLoadError(f"refusing to load types outside scikit-learn/numpy: {foreign}")
+
+
+def _load_pipeline(folder: Path, meta: Mapping[str, Any]) -> Any:
+    import skops.io as sio
+
+    path = folder / PIPELINE_FILE
+    if not path.exists():
+        raise ModelLoadError(f"bundle {folder} has no {PIPELINE_FILE}")
+    untrusted = sio.get_untrusted_types(file=path)
+    _refuse_foreign_types(untrusted)
+    unexpected = sorted(set(untrusted) - set(meta.get("skops_trusted_types", [])))
+    if unexpected:
+        raise ModelLoadError(f"{path} contains types not recorded at training time: {unexpected}")
+    return sio.load(path, trusted=untrusted)
+
+
+def _onnx_session(onnx_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # One row costs tens of microseconds; thread hand-offs would cost more than they save.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _run_onnx(session: Any, columns: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    labels, proba = session.run(None, dict(columns))
+    return np.asarray(labels).astype(str).ravel(), np.asarray(proba)

@@ -1,0 +1,80 @@
+"""The customer feature contract: one source for API models, DataFrame checks and the model signature."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ID_COLUMN = "customer_id"
+LABEL_COLUMN = "customer_segment"
+LABELS: tuple[str, ...] = ("high_value", "low_value", "medium_value")
+"""Segments in the (sorted) order the models use for probability columns."""
+
+GENDERS: tuple[str, ...] = ("Female", "Male")
+
+Kind = Literal["int", "float", "category"]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column: its kind, valid domain and a human description."""
+
+    name: str
+    kind: Kind
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+    categories: tuple[str, ...] | None = None
+    example: float | int | str = 0
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.kind != "category"
+
+    def domain_text(self) -> str:
+        if self.categories is not None:
+            return "one of " + ", ".join(self.categories) + " (case-insensitive)"
+        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
+        high = "inf" if self.maximum is None else f"{self.maximum:g}"
+        kind = "integer" if self.kind == "int" else "number"
+        return f"{kind} in [{low}, {high}]"
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("age", "int", "Age in years.", 0, 120, example=56),
+    Feature("gender", "category", "Male or Female.", categories=GENDERS, example="Male"),
+    Feature("annual_income", "int", "Yearly income in whole currency units.", 0, None, example=65648),
+    Feature("total_spent", "float", "Lifetime spend in currency units.", 0, None, example=49624),
+    Feature("num_purchases", "int", "Number of purchases.", 0, None, example=17),
+    Feature("avg_purchase_value", "float", "Mean value of one purchase.", 0, None, example=467),
+    Feature("online_activity_score", "float", "Engagement score, 0-100.", 0, 100, example=52),
+    Feature("loyalty_program", "int", "1 if enrolled in the loyalty programme.", 0, 1, example=0),
+    Feature("days_since_last_purchase", "int", "Days since the last purchase.", 0, None, example=235),
+    Feature("num_site_visits", "int", "Number of website visits.", 0, None, example=61),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+NUMERIC_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.is_numeric)
+CATEGORICAL_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if not f.is_numeric)
+FEATURES_BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
+
+EXAMPLE_RECORD: dict[str, float | int | str] = {f.name: f.example for f in FEATURES}
+"""The prototype's example customer; it was answered with ``medium_value``."""
+
+
+def normalize_gender(value: str) -> str | None:
+    """Return the canonical gender for ``value`` (trimmed, case-insensitive), or None if unknown.
+
+    Any other value is invalid: the model has never seen it, and the prototype's encoder silently
+    turned it into all-zeros, which produced a confident but meaningless answer.
+    """
+    cleaned = value.strip().casefold()
+    for gender in GENDERS:
+        if gender.casefold() == cleaned:
+            return gender
+    return None
+
+
+def mlflow_signature_schema() -> list[tuple[str, str]]:
+    """(column, MLflow type) pairs for the model signature."""
+    mapping = {"int": "long", "float": "double", "category": "string"}
+    return [(f.name, mapping[f.kind]) for f in FEATURES]

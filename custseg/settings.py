@@ -1,0 +1,86 @@
+"""All configuration in one pydantic-settings class (environment prefix ``CUSTSEG_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Read from the environment when constructed, never at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="CUSTSEG_", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(default=Path("~/.custseg"))
+    """Folder for all local state: MLflow store, artifacts, prediction log."""
+
+    tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "CUSTSEG_TRACKING_URI")
+    )
+    """MLflow tracking server; when unset, an embedded SQLite store under ``home`` is used."""
+
+    model_name: str = "customer-segments"
+    """Registered model name."""
+
+    experiment_name: str = "customer-segments"
+    """MLflow experiment that holds training and monitoring runs."""
+
+    seed: int = 42
+    """Random seed for splits, cross-validation and models."""
+
+    cv_folds: int = 5
+    """Stratified cross-validation folds on the training part (reduced to no fewer than 3)."""
+
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Accepted API keys, comma-separated; empty disables authentication (loopback only)."""
+
+    max_batch_rows: int = 1000
+    """Most rows one /predict request may score."""
+
+    max_body_bytes: int = 1_048_576
+    """Largest request body accepted, in bytes."""
+
+    model_poll_seconds: float = 30.0
+    """How often the API checks whether the champion alias moved (0 disables)."""
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origins allowed by CORS, comma-separated; none by default."""
+
+    prediction_log_url: str | None = None
+    """SQLAlchemy URL of the prediction log; SQLite under ``home`` when unset."""
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tracking_uri", "prediction_log_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def embedded_tracking_uri(self) -> str:
+        return f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def effective_tracking_uri(self) -> str:
+        return self.tracking_uri or self.embedded_tracking_uri
+
+    @property
+    def effective_prediction_log_url(self) -> str:
+        return self.prediction_log_url or f"sqlite:///{self.home / 'predictions.db'}"
