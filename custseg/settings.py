@@ -52,6 +52,45 @@ class Settings(BaseSettings):
     prediction_log_url: str | None = None
     """SQLAlchemy URL of the prediction log; SQLite under ``home`` when unset."""
 
+    prediction_log_enabled: bool = True
+    """Record every answered prediction in the prediction log (the API's monitoring source)."""
+
+    prediction_log_table_prefix: str = ""
+    """Prefix for the log's table names, so several logs can share one database."""
+
+    prediction_log_retention_days: float = 90.0
+    """Predictions and feedback older than this are purged periodically (0 keeps everything)."""
+
+    prediction_log_queue_rows: int = 100_000
+    """Most rows held in memory waiting to be written; beyond it new rows are dropped and counted."""
+
+    prediction_log_flush_seconds: float = 0.2
+    """Longest time a row waits in memory before it is written (the loss window after a crash)."""
+
+    prediction_log_batch_rows: int = 500
+    """Rows written per database round trip; a full batch is written without waiting."""
+
+    drift_p_value: float = 0.05
+    """A feature's shift is statistically significant below this p-value."""
+
+    drift_psi: float = 0.2
+    """PSI at or above this is drift (when significant)."""
+
+    drift_psi_warn: float = 0.1
+    """PSI at or above this is a warning (when significant)."""
+
+    drift_effect: float = 0.1
+    """Material effect besides PSI: Wasserstein / reference std (numeric) or Jensen-Shannon distance."""
+
+    drift_min_rows: int = 100
+    """Windows with fewer rows are reported as too small to judge."""
+
+    monitor_window_rows: int = 5000
+    """The API's live drift gauges cover the last this many predictions."""
+
+    monitor_refresh_seconds: float = 30.0
+    """How often the API recomputes its live drift and realised-performance gauges (0 disables)."""
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
