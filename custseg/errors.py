@@ -51,3 +51,15 @@ class ModelNotFoundError(CustsegError):
 
 class ModelLoadError(CustsegError):
     """A model exists but could not be loaded or failed its checks."""
+
+
+class InputTooLargeError(CustsegError):
+    """A request is larger than a configured limit (body bytes, batch rows)."""
+
+
+class AuthenticationError(CustsegError):
+    """A request carries no valid API key where one is required."""
+
+
+class ConfigurationError(CustsegError):
+    """Settings or options are unsafe or inconsistent (e.g. a public bind without API keys)."""

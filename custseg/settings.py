@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Origins allowed by CORS, comma-separated; none by default."""
 
+    model_uri: str | None = None
+    """Model the API serves (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``); the champion when unset."""
+
+    metrics_open: bool = False
+    """Serve ``/metrics`` without an API key even when keys are configured (for a scraper on a private network)."""
+
     prediction_log_url: str | None = None
     """SQLAlchemy URL of the prediction log; SQLite under ``home`` when unset."""
 
