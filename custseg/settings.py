@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     """Model the API serves (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``); the champion when unset."""
 
     metrics_open: bool = False
-    """Serve ``/metrics`` without an API key even when keys are configured (for a scraper on a private network)."""
+    """Serve ``/metrics`` without an API key even when keys are configured (a private-network scraper)."""
 
     prediction_log_url: str | None = None
     """SQLAlchemy URL of the prediction log; SQLite under ``home`` when unset."""
