@@ -229,6 +229,70 @@ def ui(
     raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model URI (default models:/customer-segments@champion).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the model).")] = 1,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow a non-loopback address without API keys.")
+    ] = False,
+    poll_seconds: Annotated[
+        float | None, typer.Option(help="Seconds between registry checks for a new champion (0 = never).")
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(help="Log level (info writes one JSON access line per request).")
+    ] = "info",
+) -> None:
+    """Serve the champion over HTTP (POST /predict, /score; GET /health/ready, /model, /metrics, /docs)."""
+    from custseg.api import run_server
+
+    overrides: dict[str, object] = {}
+    if model:
+        overrides["model_uri"] = model
+    if poll_seconds is not None:
+        overrides["model_poll_seconds"] = poll_seconds
+    settings = Settings().model_copy(update=overrides)
+    err_console.print(f"custseg API on http://{host}:{port} (docs at /docs); Ctrl-C or SIGTERM stops it")
+    run_server(settings, host=host, port=port, workers=workers, insecure=insecure, log_level=log_level)
+
+
+@app.command()
+def inspect(
+    data: Annotated[Path, typer.Argument(help="Customer data (.csv or .parquet), any size.")],
+    format: Annotated[str, typer.Option("--format", help="table (terminal) or json.")] = "table",
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a self-contained HTML report with plots.")
+    ] = None,
+    fail_on_problems: Annotated[
+        bool, typer.Option("--fail-on-problems", help="Exit 1 when any data problem is found.")
+    ] = False,
+) -> None:
+    """Profile DATA: structure, problems (with rows and columns), domains, class balance, separating
+    features. Exits 0 with the problems listed; [bold]--fail-on-problems[/] exits 1 instead."""
+    import json
+
+    from custseg.explore import profile_file, render_html, rich_report
+
+    if format not in ("table", "json"):
+        raise typer.BadParameter("use table or json", param_hint="--format")
+    report = profile_file(data, seed=Settings().seed, cv_folds=Settings().cv_folds)
+    if format == "json":
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for renderable in rich_report(report):
+            console.print(renderable)
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(render_html(report), encoding="utf-8")
+        (err_console if format == "json" else console).print(f"wrote HTML report to {html}")
+    if fail_on_problems and report.has_problems:
+        raise typer.Exit(1)
+
+
 def _class_counts(frame: object) -> str:
     from custseg.schema import LABEL_COLUMN
 

@@ -1,0 +1,963 @@
+"""The HTTP API: a thin FastAPI layer over `custseg.predict.Scorer`.
+
+One pure-ASGI middleware does the per-request plumbing (request id, body limit, API keys, metrics,
+access log, last-resort JSON 500); the routes parse and validate records, build the ONNX inputs
+straight from them (no DataFrame per request) and answer with orjson. A background task polls the
+registry and swaps the served model atomically; the old model keeps answering until the new one has
+loaded and passed its checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import time
+import uuid
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Protocol
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from custseg import schema
+from custseg.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    CustsegError,
+    DataError,
+    DataValidationError,
+    InputTooLargeError,
+    ModelLoadError,
+    ModelNotFoundError,
+    Problem,
+)
+from custseg.predict import Scorer, Scores
+from custseg.registry import ModelRef, load_scorer, resolve
+from custseg.settings import Settings
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("custseg.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+NUMBER_CAP = 1e15
+"""Upper bound for features the schema leaves open: keeps values finite in the model's float32 inputs."""
+
+OFFLOAD_ROWS = 64
+"""Batches larger than this are scored in a worker thread so the event loop keeps answering."""
+
+OPEN_PATHS = frozenset(
+    {"/", "/health/live", "/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+)
+"""Paths served without an API key: liveness, readiness and the (secret-free) API description."""
+
+KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score"})
+RID_HEADER = b"x-request-id"
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_JSON = "application/json"
+_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# -- request and response models (generated from the schema) ---------------------------------------
+
+
+def _gender(value: str) -> str:
+    canonical = schema.normalize_gender(value)
+    if canonical is None:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(f"unknown value {shown!r}; expected Male or Female (case-insensitive)")
+    return canonical
+
+
+_GENDER_PATTERN = (
+    r"^\s*(" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in g) for g in schema.GENDERS) + r")\s*$"
+)
+
+
+def _field_type(feature: schema.Feature) -> Any:
+    if feature.kind == "category":
+        return Annotated[
+            str,
+            Field(
+                strict=True,
+                max_length=64,
+                json_schema_extra={"pattern": _GENDER_PATTERN},
+                description=f"{feature.description} Case-insensitive, surrounding spaces ignored.",
+                examples=[feature.example],
+            ),
+            AfterValidator(_gender),
+        ]
+    python_type = int if feature.kind == "int" else float
+    return Annotated[
+        python_type,
+        Field(
+            strict=True,
+            ge=feature.minimum,
+            le=feature.maximum if feature.maximum is not None else NUMBER_CAP,
+            description=f"{feature.description} {feature.domain_text()}.",
+            examples=[feature.example],
+        ),
+    ]
+
+
+def _record_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {f.name: (_field_type(f), ...) for f in schema.FEATURES}
+    fields["customer_id"] = (
+        str | None,
+        Field(
+            default=None,
+            max_length=128,
+            description="Optional identifier, echoed back in `customer_ids` and kept in the prediction log.",
+        ),
+    )
+    return create_model(  # type: ignore[no-any-return,call-overload]
+        "CustomerRecord",
+        __config__=ConfigDict(
+            extra="forbid",
+            allow_inf_nan=False,
+            json_schema_extra={"examples": [schema.EXAMPLE_RECORD]},
+        ),
+        __doc__="One customer: the ten raw features of custseg.schema (and an optional customer_id).",
+        **fields,
+    )
+
+
+CustomerRecord = _record_model()
+
+
+class ModelSummary(BaseModel):
+    name: str = Field(examples=["customer-segments"])
+    version: str = Field(examples=["1"])
+
+
+class PredictionResponse(BaseModel):
+    """Labels in request order; ``prediction`` stays a list even for one record (prototype clients)."""
+
+    prediction: list[str] = Field(examples=[["medium_value"]])
+    probabilities: list[dict[str, float]] = Field(
+        examples=[[{"high_value": 0.03, "low_value": 0.0, "medium_value": 0.97}]]
+    )
+    model: ModelSummary
+    request_id: str
+    customer_ids: list[str | None] | None = Field(
+        default=None, description="Present when any record carried a customer_id."
+    )
+
+
+class ErrorItem(BaseModel):
+    field: str | None = Field(
+        description="The offending field (null when the whole record or body is wrong)."
+    )
+    row: int | None = Field(default=None, description="0-based position in a batch; null for one object.")
+    reason: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(examples=["invalid_input"])
+    message: str
+    request_id: str
+    errors: list[ErrorItem] = Field(default_factory=list)
+
+
+class Liveness(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    model: ModelSummary
+
+
+class FeatureInfo(BaseModel):
+    name: str
+    kind: str
+    description: str
+    domain: str
+    minimum: float | None = None
+    maximum: float | None = None
+    categories: list[str] | None = None
+
+
+class ModelDetails(BaseModel):
+    name: str
+    version: str
+    run_id: str | None
+    trained_at: str = Field(description="When the version was registered (right after its training run).")
+    loaded_at: str
+    aliases: list[str]
+    backend: str = Field(description="onnx (ONNX Runtime) or sklearn (fallback).")
+    classes: list[str]
+    holdout_metrics: dict[str, float]
+    features: list[FeatureInfo]
+
+
+# -- the served model and its hot swap -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What answers a request: a scorer and the registry entry it came from (swapped as one value)."""
+
+    scorer: Scorer
+    ref: ModelRef
+    loaded_at: str
+    summary: dict[str, str] = field(default_factory=dict)
+
+
+class PredictionLog(Protocol):
+    """What the API needs from a prediction log (see custseg.predlog)."""
+
+    def start(self) -> None: ...
+    def submit(self, entries: list[dict[str, Any]]) -> None: ...
+    def close(self) -> None: ...
+
+
+class ApiMetrics:
+    """Prometheus metrics in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "custseg_http_requests_total", "HTTP requests.", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "custseg_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("custseg_http_requests_in_flight", "Requests being served.", registry=r)
+        self.predictions = Counter(
+            "custseg_predictions_total", "Rows scored, by predicted segment.", ["label"], registry=r
+        )
+        self.model_info = Gauge(
+            "custseg_model_info",
+            "The model being served (value 1).",
+            ["name", "version", "backend"],
+            registry=r,
+        )
+        self.model_loaded = Gauge("custseg_model_loaded", "1 when a model is loaded and serving.", registry=r)
+        self.swaps = Counter("custseg_model_swaps_total", "Models loaded and put into service.", registry=r)
+        self.swap_failures = Counter(
+            "custseg_model_swap_failures_total",
+            "New model versions that failed to load or check.",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelHolder:
+    """Holds the served model and keeps it in step with the registry."""
+
+    def __init__(self, settings: Settings, model_uri: str | None, metrics: ApiMetrics) -> None:
+        self.settings = settings
+        self.model_uri = model_uri or settings.model_uri
+        self.metrics = metrics
+        self.current: LoadedModel | None = None
+
+    async def refresh(self) -> None:
+        """Load the version the URI names now if it is not the one being served; never raises."""
+        try:
+            ref = await asyncio.to_thread(resolve, self.settings, self.model_uri)
+        except ModelNotFoundError as exc:
+            if self.current is None:
+                logger.info("no model to serve yet: %s", exc)
+            else:
+                logger.warning("%s; still serving version %s", exc, self.current.ref.version)
+            return
+        except Exception as exc:  # the registry may be briefly unreachable; try again next poll
+            logger.warning("could not reach the model registry (%s: %s)", type(exc).__name__, exc)
+            return
+        current = self.current
+        if current is not None and current.ref.version == ref.version and current.ref.name == ref.name:
+            return
+        try:
+            scorer, loaded_ref = await asyncio.to_thread(load_scorer, self.settings, ref.uri)
+        except Exception as exc:  # a broken version must never replace a working one
+            self.metrics.swap_failures.inc()
+            kept = f"still serving version {current.ref.version}" if current else "no model is serving"
+            logger.error(
+                "model %s failed to load or check (%s: %s); %s", ref.uri, type(exc).__name__, exc, kept
+            )
+            return
+        self.install(scorer, loaded_ref)
+
+    def install(self, scorer: Scorer, ref: ModelRef) -> None:
+        previous = self.current
+        loaded = LoadedModel(
+            scorer=scorer,
+            ref=ref,
+            loaded_at=datetime.now(tz=UTC).isoformat(timespec="seconds"),
+            summary={"name": ref.name, "version": ref.version},
+        )
+        self.current = loaded  # one reference assignment: requests see the old pair or the new one
+        self.metrics.swaps.inc()
+        self.metrics.model_loaded.set(1)
+        if previous is not None:
+            with suppress(KeyError):
+                old = previous.ref
+                self.metrics.model_info.remove(old.name, old.version, previous.scorer.backend)
+        self.metrics.model_info.labels(ref.name, ref.version, scorer.backend).set(1)
+        was = f"replacing version {previous.ref.version}" if previous else "first model"
+        logger.info("serving %s version %s (%s backend; %s)", ref.name, ref.version, scorer.backend, was)
+
+    async def poll_forever(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            await self.refresh()
+
+
+# -- turning requests into model inputs -----------------------------------------------------------
+
+_RECORDS = None
+
+
+def _records_adapter() -> Any:
+    global _RECORDS
+    if _RECORDS is None:
+        from pydantic import TypeAdapter
+
+        _RECORDS = TypeAdapter(list[CustomerRecord])  # type: ignore[valid-type]
+    return _RECORDS
+
+
+def parse_records(body: bytes, max_rows: int) -> tuple[list[Any], bool]:
+    """Validated records from a JSON body (one object or a list), and whether it was a single object."""
+    if not body.strip():
+        raise DataValidationError(
+            [Problem("request body is empty: send one customer object or a list of them", column=None)],
+            source="request",
+        )
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = _lenient_json(body)  # NaN/Infinity/1e400 are reported per field, not as "not JSON"
+    single = isinstance(data, dict)
+    if single:
+        items = [data]
+    elif isinstance(data, list):
+        if not data:
+            raise DataValidationError([Problem("the list of records is empty")], source="request")
+        if len(data) > max_rows:
+            raise InputTooLargeError(f"{len(data)} records in one request; the limit is {max_rows}")
+        items = data
+    else:
+        raise DataValidationError(
+            [Problem("expected a JSON object (one customer) or a list of objects")], source="request"
+        )
+    try:
+        return _records_adapter().validate_python(items), single
+    except ValidationError as exc:
+        raise DataValidationError(_problems(exc, single), source="request") from None
+
+
+def _lenient_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise DataError("request body is not valid JSON") from None
+
+
+def _problems(exc: ValidationError, single: bool) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = error["loc"]
+        row = None if single or not loc else int(loc[0]) + 1
+        column = str(loc[1]) if len(loc) > 1 else None
+        if error["type"] == "extra_forbidden":
+            reason = "unknown field"
+        else:
+            reason = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(Problem(reason, row=row, column=column))
+    return problems
+
+
+def model_inputs(records: list[Any]) -> dict[str, np.ndarray]:
+    """ONNX inputs straight from validated records: what `predict.to_columns` builds from a frame."""
+    n = len(records)
+    columns: dict[str, np.ndarray] = {}
+    for name in schema.NUMERIC_FEATURES:
+        values = np.fromiter((getattr(r, name) for r in records), dtype=np.float32, count=n)
+        columns[name] = values.reshape(n, 1)
+    for name in schema.CATEGORICAL_FEATURES:
+        columns[name] = np.array([getattr(r, name) for r in records], dtype=object).reshape(n, 1)
+    return columns
+
+
+# -- errors as JSON -------------------------------------------------------------------------------
+
+
+def error_response(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any]]:
+    """The one mapping from exceptions to HTTP status and JSON body; nothing internal reaches the client."""
+    errors: list[dict[str, Any]] = []
+    if isinstance(exc, DataValidationError):
+        status, code = 422, "invalid_input"
+        errors = [
+            {"field": p.column, "row": None if p.row is None else p.row - 1, "reason": p.message}
+            for p in exc.problems
+        ]
+        message = f"{len(exc.problems)} problem(s) in the request"
+    elif isinstance(exc, DataError):
+        status, code, message = 400, "bad_request", str(exc)
+    elif isinstance(exc, InputTooLargeError):
+        status, code, message = 413, "too_large", str(exc)
+    elif isinstance(exc, AuthenticationError):
+        status, code, message = 401, "unauthorized", str(exc)
+    elif isinstance(exc, ModelNotFoundError | ModelLoadError):
+        status, code, message = 503, "no_model", "no model is loaded yet; try again shortly"
+    elif isinstance(exc, StarletteHTTPException):
+        status = exc.status_code
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        message = str(exc.detail) if status < 500 else "internal error"
+    elif isinstance(exc, RequestValidationError):
+        status, code, message = 422, "invalid_input", "invalid request parameters"
+        errors = [
+            {"field": ".".join(map(str, e.get("loc", ()))), "row": None, "reason": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+    else:
+        status, code, message = 500, "internal_error", "internal error (see the log)"
+    return status, {"error": code, "message": message, "request_id": request_id, "errors": errors}
+
+
+def _json_error(exc: BaseException, request_id: str) -> Response:
+    status, body = error_response(exc, request_id)
+    headers = {"connection": "close"} if status == 413 else None
+    if status == 401:
+        headers = {"www-authenticate": 'Bearer realm="custseg", charset="UTF-8"'}
+    return Response(orjson.dumps(body), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("custseg.request_id") or uuid.uuid4().hex)
+
+
+# -- the middleware -------------------------------------------------------------------------------
+
+
+class ApiMiddleware:
+    """Request id, body limit, API keys, metrics and access log for every HTTP request (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = settings.max_body_bytes
+        self.keys = [k.encode() for k in settings.api_keys]
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_open else set())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = content_length = presented = None
+        for name, value in scope["headers"]:
+            if name == RID_HEADER:
+                if _SANE_REQUEST_ID.fullmatch(value):
+                    request_id = value.decode()
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"x-api-key":
+                presented = value
+            elif name == b"authorization" and presented is None and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        scope["custseg.request_id"] = request_id
+        scope["custseg.started"] = started
+        path = scope["path"]
+        route = path if path in KNOWN_PATHS else "other"
+        rid_header = (RID_HEADER, request_id.encode())
+        status_holder = [500]
+        started_response = [False]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+                started_response[0] = True
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            early = self._refuse(path, content_length, presented)
+            if early is not None:
+                await _send_error(send_with_id, early, request_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except Exception as exc:
+            if isinstance(exc, CustsegError):
+                logger.info("request %s refused: %s", request_id, exc)
+            else:
+                logger.exception("request %s failed", request_id)
+            if not started_response[0]:
+                await _send_error(send_with_id, exc, request_id)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            status = status_holder[0]
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.requests.labels(method, route, status).inc()
+            self.metrics.latency.labels(route, status).observe(elapsed)
+            if access_logger.isEnabledFor(logging.INFO):
+                access_logger.info(
+                    orjson.dumps(
+                        {
+                            "ts": time.time(),
+                            "request_id": request_id,
+                            "method": scope["method"],
+                            "path": path,
+                            "status": status,
+                            "latency_ms": round(elapsed * 1000, 3),
+                            "model_version": scope.get("custseg.model_version"),
+                            "client": (scope.get("client") or (None,))[0],
+                        }
+                    ).decode()
+                )
+
+    def _refuse(self, path: str, content_length: bytes | None, presented: bytes | None) -> Exception | None:
+        if self.keys and path not in self.open_paths:
+            ok = False
+            if presented:
+                for key in self.keys:  # compare with every key: timing says nothing about which matched
+                    ok |= hmac.compare_digest(key, presented)
+            if not ok:
+                return AuthenticationError("a valid API key is required (X-API-Key or Authorization: Bearer)")
+        if content_length is not None:
+            try:
+                declared = int(content_length)
+            except ValueError:
+                return DataError("invalid Content-Length header")
+            if declared > self.max_body:
+                return InputTooLargeError(f"request body is larger than {self.max_body} bytes")
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        limit = self.max_body
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # chunked bodies have no Content-Length: count as they stream in
+                    raise InputTooLargeError(f"request body is larger than {limit} bytes")
+            return message
+
+        return counted
+
+
+async def _send_error(send: Send, exc: BaseException, request_id: str) -> None:
+    response = _json_error(exc, request_id)
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body is not JSON."},
+    401: {"model": ErrorResponse, "description": "API keys are configured and none valid was given."},
+    413: {"model": ErrorResponse, "description": "Body or batch larger than the configured limits."},
+    422: {"model": ErrorResponse, "description": "Invalid records: every problem with its field and row."},
+    503: {"model": ErrorResponse, "description": "No model is loaded yet."},
+}
+
+
+def _request_body_spec(max_rows: int) -> dict[str, Any]:
+    one = {"$ref": "#/components/schemas/CustomerRecord"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                _JSON: {
+                    "schema": {
+                        "anyOf": [one, {"type": "array", "items": one, "minItems": 1, "maxItems": max_rows}]
+                    },
+                    "examples": {
+                        "prototype": {"summary": "The prototype's customer", "value": schema.EXAMPLE_RECORD},
+                        "batch": {
+                            "summary": "A batch with customer ids",
+                            "value": [
+                                {**schema.EXAMPLE_RECORD, "customer_id": "CUST_0001"},
+                                {**schema.EXAMPLE_RECORD, "gender": "female", "customer_id": "CUST_0002"},
+                            ],
+                        },
+                    },
+                }
+            },
+        }
+    }
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    model_uri: str | None = None,
+    prediction_log: object | None = None,
+) -> FastAPI:
+    """Build the API; the model loads in the lifespan and the registry is polled for a new champion."""
+    settings = settings or Settings()
+    metrics = ApiMetrics()
+    holder = ModelHolder(settings, model_uri, metrics)
+    plog: PredictionLog | None = prediction_log  # type: ignore[assignment]
+    max_rows = settings.max_batch_rows
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if plog is not None:
+            plog.start()
+        await holder.refresh()
+        poller = None
+        if settings.model_poll_seconds > 0:
+            poller = asyncio.create_task(holder.poll_forever(settings.model_poll_seconds))
+        try:
+            yield
+        finally:
+            if poller is not None:
+                poller.cancel()
+            if plog is not None:
+                plog.close()
+
+    app = FastAPI(
+        title="custseg",
+        summary="Customer value segments in real time.",
+        description=(
+            "Scores customers into `low_value`, `medium_value` or `high_value` with the registry's champion "
+            "model. When `CUSTSEG_API_KEYS` is set, every path except `/`, `/health/*`, `/docs` and "
+            "`/openapi.json` needs `X-API-Key: KEY` or `Authorization: Bearer KEY`."
+        ),
+        version=_package_version(),
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.holder = holder
+    app.state.metrics = metrics
+    app.state.settings = settings
+
+    async def handle_error(request: Request, exc: Exception) -> Response:
+        return _json_error(exc, _request_id(request))
+
+    for exc_class in (CustsegError, StarletteHTTPException, RequestValidationError):
+        app.add_exception_handler(exc_class, handle_error)
+
+    body_spec = _request_body_spec(max_rows)
+
+    async def score(request: Request) -> Response:
+        loaded = holder.current
+        if loaded is None:
+            raise ModelNotFoundError("no model loaded")
+        scope = request.scope
+        scope["custseg.model_version"] = loaded.ref.version
+        records, _single = parse_records(await request.body(), max_rows)
+        columns = model_inputs(records)
+        if len(records) > OFFLOAD_ROWS:
+            scores = await asyncio.to_thread(loaded.scorer.score_columns, columns)
+        else:
+            scores = loaded.scorer.score_columns(columns)
+        labels: list[str] = scores.labels.tolist()
+        probabilities = [
+            dict(zip(scores.classes, row, strict=True)) for row in np.round(scores.probabilities, 6).tolist()
+        ]
+        request_id = scope["custseg.request_id"]
+        payload: dict[str, Any] = {
+            "prediction": labels,
+            "probabilities": probabilities,
+            "model": loaded.summary,
+            "request_id": request_id,
+        }
+        ids = [r.customer_id for r in records]
+        if any(i is not None for i in ids):
+            payload["customer_ids"] = ids
+        if len(labels) == 1:
+            metrics.predictions.labels(labels[0]).inc()
+        else:
+            for label, count in Tally(labels).items():
+                metrics.predictions.labels(label).inc(count)
+        if plog is not None:
+            plog.submit(_log_entries(records, scores, loaded, request_id, scope.get("custseg.started")))
+        return Response(orjson.dumps(payload), media_type=_JSON)
+
+    for path in ("/predict", "/score"):
+        app.add_api_route(
+            path,
+            score,
+            methods=["POST"],
+            response_model=PredictionResponse,
+            responses=_ERRORS,  # type: ignore[arg-type]
+            openapi_extra=body_spec,
+            summary="Score one customer or a batch",
+            description=(
+                "Send one customer object (the prototype's body) or a JSON list of them "
+                f"(at most {max_rows}). `prediction` is always a list of labels. "
+                + ("`/score` is the Azure ML prototype's path; it" if path == "/score" else "It")
+                + " answers exactly like the other scoring path."
+            ),
+            operation_id="score" if path == "/score" else "predict",
+            tags=["scoring"],
+        )
+
+    @app.get("/", response_model=Liveness, tags=["health"], summary="Prototype liveness check")
+    async def root() -> Response:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    @app.get("/health/live", response_model=Liveness, tags=["health"], summary="The process is up")
+    async def live() -> Response:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    @app.get(
+        "/health/ready",
+        response_model=Readiness,
+        responses={503: _ERRORS[503]},
+        tags=["health"],
+        summary="A model is loaded and serving",
+    )
+    async def ready(request: Request) -> Response:
+        loaded = holder.current
+        if loaded is None:
+            raise ModelNotFoundError("no model loaded")
+        return Response(orjson.dumps({"status": "ready", "model": loaded.summary}), media_type=_JSON)
+
+    @app.get(
+        "/model",
+        response_model=ModelDetails,
+        responses={401: _ERRORS[401], 503: _ERRORS[503]},
+        tags=["model"],
+        summary="The model being served and its input schema",
+    )
+    async def model_details() -> Response:
+        loaded = holder.current
+        if loaded is None:
+            raise ModelNotFoundError("no model loaded")
+        return Response(orjson.dumps(_model_details(loaded)), media_type=_JSON)
+
+    @app.get(
+        "/metrics",
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text",
+            },
+            401: _ERRORS[401],
+        },
+        response_class=Response,
+        tags=["operations"],
+        summary="Prometheus metrics of this worker",
+    )
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    _install_openapi(app, max_rows)
+    app.add_middleware(ApiMiddleware, settings=settings, metrics=metrics)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    return app
+
+
+def _log_entries(
+    records: list[Any], scores: Scores, loaded: LoadedModel, request_id: str, started: float | None
+) -> list[dict[str, Any]]:
+    now = time.time()
+    latency_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+    probabilities = scores.probability_records()
+    return [
+        {
+            "request_id": request_id,
+            "ts": now,
+            "model_name": loaded.ref.name,
+            "model_version": loaded.ref.version,
+            "customer_id": record.customer_id,
+            "features": {name: getattr(record, name) for name in schema.FEATURE_NAMES},
+            "label": label,
+            "probabilities": proba,
+            "latency_ms": latency_ms,
+        }
+        for record, label, proba in zip(records, scores.labels.tolist(), probabilities, strict=True)
+    ]
+
+
+def _model_details(loaded: LoadedModel) -> dict[str, Any]:
+    ref = loaded.ref
+    return {
+        "name": ref.name,
+        "version": ref.version,
+        "run_id": ref.run_id,
+        "trained_at": ref.created_at,
+        "loaded_at": loaded.loaded_at,
+        "aliases": list(ref.aliases),
+        "backend": loaded.scorer.backend,
+        "classes": list(loaded.scorer.classes),
+        "holdout_metrics": {
+            k.removeprefix("holdout_"): v for k, v in sorted(ref.metrics.items()) if k.startswith("holdout_")
+        },
+        "features": [
+            {
+                "name": f.name,
+                "kind": f.kind,
+                "description": f.description,
+                "domain": f.domain_text(),
+                "minimum": f.minimum,
+                "maximum": f.maximum,
+                "categories": list(f.categories) if f.categories else None,
+            }
+            for f in schema.FEATURES
+        ],
+    }
+
+
+def _install_openapi(app: FastAPI, max_rows: int) -> None:
+    """Add the request schema and the API-key schemes to FastAPI's generated document."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            description=app.description,
+            routes=app.routes,
+        )
+        components = document.setdefault("components", {})
+        record_schema = CustomerRecord.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.setdefault("schemas", {})["CustomerRecord"] = record_schema
+        components["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "Bearer": {"type": "http", "scheme": "bearer"},
+        }
+        for path, operations in document.get("paths", {}).items():
+            if path in OPEN_PATHS:
+                continue
+            for operation in operations.values():
+                operation["security"] = [{"ApiKey": []}, {"Bearer": []}, {}]
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _package_version() -> str:
+    import custseg
+
+    return custseg.__version__
+
+
+# -- running it -----------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, settings: Settings, *, insecure: bool) -> None:
+    """Refuse a non-loopback address without API keys unless the operator insists."""
+    if not is_loopback(host) and not settings.api_keys and not insecure:
+        raise ConfigurationError(
+            f"refusing to serve on {host} without API keys: anyone who can reach it could use the model. "
+            "Set CUSTSEG_API_KEYS=key1[,key2], bind 127.0.0.1, or pass --insecure to accept the risk."
+        )
+
+
+def configure_logging(level: str = "info") -> None:
+    """JSON access lines on stderr (``custseg.access``); called by the serve command and worker factory."""
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_logger.handlers[:] = [handler]
+    access_logger.setLevel(logging.INFO if level.lower() in {"info", "debug"} else logging.WARNING)
+    access_logger.propagate = False
+    logging.getLogger("custseg").setLevel(level.upper())
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for uvicorn worker processes: settings (incl. CUSTSEG_MODEL_URI) from the environment."""
+    import os
+
+    configure_logging(os.environ.get("CUSTSEG_LOG_LEVEL", "info"))
+    return create_app(Settings())
+
+
+def run_server(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    insecure: bool = False,
+    log_level: str = "info",
+) -> None:
+    """Serve until SIGTERM/SIGINT (uvicorn finishes in-flight requests, then exits 0)."""
+    import os
+
+    import uvicorn
+
+    check_bind(host, settings, insecure=insecure)
+    configure_logging(log_level)
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "access_log": False,  # custseg.access writes one JSON line per request instead
+        "log_config": None,
+        "log_level": log_level,
+        "timeout_graceful_shutdown": 30,
+        "server_header": False,
+    }
+    if workers > 1:
+        # Each worker process builds its own app (and loads its own model) from the environment.
+        if settings.model_uri:
+            os.environ["CUSTSEG_MODEL_URI"] = settings.model_uri
+        os.environ["CUSTSEG_MODEL_POLL_SECONDS"] = str(settings.model_poll_seconds)
+        os.environ["CUSTSEG_LOG_LEVEL"] = log_level
+        uvicorn.run("custseg.api:app_from_environment", factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
