@@ -1,0 +1,1015 @@
+"""Inspect a customer data file before training: structure, problems, class balance, separating features.
+
+The core is pure: :class:`ProfileBuilder` takes DataFrame chunks (any number, in file order) and
+accumulates counts, so a file of any size is profiled in bounded memory; :func:`profile` and
+:func:`profile_chunks` wrap it. Only three things grow with the file: one 64-bit hash per row for
+duplicate rows, one per row for duplicate ids (16 bytes a row together), and nothing else — the
+distributions, the correlation view and the feature ranking use a bounded uniform random sample of
+valid rows (bottom-k on random keys, the same sample whatever the chunk size for a given seed).
+
+Every cell is checked by the same rules training applies (``custseg.data``: the per-feature checks
+behind ``validate_frame`` / ``row_problems``, ``missing_columns``, ``unknown_columns``); this module only
+counts and locates what those rules find. :func:`read_chunks` is the I/O edge: small files go through
+``custseg.data.load_table`` (exactly how training reads them), large ones stream through pyarrow.
+:func:`render_html` turns a profile into a self-contained HTML page (inline PNGs, no external assets).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from custseg import schema
+from custseg.data import (
+    CSV_EXTENSIONS,
+    PARQUET_EXTENSIONS,
+    _check_feature,  # the one set of per-column rules (also behind row_problems / validate_frame)
+    load_table,
+    missing_columns,
+    unknown_columns,
+)
+from custseg.errors import DataError, TrainingError
+from custseg.train import MIN_CV_FOLDS, TEST_SIZE, check_trainable
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ClassBalance",
+    "ColumnInfo",
+    "DataProfile",
+    "FeatureStats",
+    "Finding",
+    "ProfileBuilder",
+    "profile",
+    "profile_chunks",
+    "profile_file",
+    "read_chunks",
+    "render_html",
+]
+
+SAMPLE_ROWS = 10_000
+"""Valid rows kept (uniformly at random) for the plots, correlations and the feature ranking."""
+ROWS_SHOWN = 10
+"""Row numbers listed per finding (the count is always complete)."""
+EXAMPLES_SHOWN = 3
+MIN_CLASS_ROWS = 10
+"""Below this many rows a segment is too small to learn reliably."""
+MIN_HOLDOUT_ROWS = 5
+"""Below this many held-out rows a segment's recall moves in steps of 20 points or more."""
+STREAM_ABOVE_BYTES = 64 * 1024 * 1024
+"""Files larger than this are streamed in chunks instead of read whole with ``load_table``."""
+CHUNK_ROWS = 200_000
+SEPARATION_METHOD = "mutual information (sklearn mutual_info_classif, nats) on the random sample"
+# pyarrow's defaults mirror pandas' NA strings; pandas also reads these two as missing.
+_NULL_STRINGS = [*pa_csv.ConvertOptions().null_values, "<NA>", "None"]
+
+
+@dataclass
+class ColumnInfo:
+    """One column as read, like a line of ``DataFrame.info()``."""
+
+    position: int
+    name: str
+    role: str  # "id", "feature", "label" or "unknown"
+    dtype: str
+    non_null: int
+    memory_bytes: int
+
+
+@dataclass
+class Finding:
+    """One problem (a kind of problem in one column), listed once, with where it is.
+
+    ``rows`` are 1-based data-row numbers (header not counted), the first ``ROWS_SHOWN``; ``count`` is
+    complete. ``first_seen`` (duplicates only) gives, per listed row, the earlier row it repeats.
+    """
+
+    column: str | None
+    kind: str
+    count: int
+    rows: list[int] = field(default_factory=list)
+    examples: list[str] = field(default_factory=list)
+    expected: str = ""
+    first_seen: list[int] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        where = f"column '{self.column}'" if self.column else "file"
+        parts = [f"{where}: {self.count:,} {self.kind}" if self.count else f"{where}: {self.kind}"]
+        if self.examples:
+            parts.append(f"e.g. {', '.join(self.examples)}")
+        if self.expected:
+            parts.append(f"expected {self.expected}")
+        if self.rows:
+            shown = ", ".join(
+                f"{r} (= row {f})" if self.first_seen else str(r)
+                for r, f in zip(self.rows, self.first_seen or self.rows, strict=True)
+            )
+            more = f" … (first {len(self.rows)} of {self.count:,})" if self.count > len(self.rows) else ""
+            parts.append(f"row{'s' if self.count > 1 else ''} {shown}{more}")
+        return "; ".join(parts)
+
+
+@dataclass
+class FeatureStats:
+    """Values of one schema feature against its domain."""
+
+    name: str
+    kind: str
+    domain: str
+    valid: int = 0
+    empty: int = 0
+    wrong_type: int = 0
+    not_integer: int = 0
+    out_of_domain: int = 0
+    minimum: float | None = None
+    maximum: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    categories: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def in_domain(self) -> bool:
+        return not (self.empty or self.wrong_type or self.not_integer or self.out_of_domain)
+
+
+@dataclass
+class ClassBalance:
+    """Rows per segment and what they allow (the rules are ``custseg.train``'s)."""
+
+    counts: dict[str, int]
+    empty: int
+    unknown: int
+    trainable: bool
+    cv_folds: int | None
+    verdict: str
+    warnings: list[str]
+
+
+@dataclass
+class DataProfile:
+    """Everything ``custseg inspect`` reports about one data set."""
+
+    source: str
+    rows: int
+    columns: list[ColumnInfo]
+    missing_columns: list[str]
+    unknown_columns: list[str]
+    features: list[FeatureStats]
+    findings: list[Finding]
+    invalid_rows: int
+    """Rows training's validation rejects for a cell (empty, wrong type, out of domain, bad label or id)."""
+    duplicate_rows: int
+    duplicate_ids: int
+    balance: ClassBalance | None
+    separation: dict[str, float]
+    separation_method: str
+    sample: pd.DataFrame = field(repr=False)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(c.memory_bytes for c in self.columns)
+
+    @property
+    def has_problems(self) -> bool:
+        return bool(self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view (the random sample is left out)."""
+        out = {k: v for k, v in asdict(self).items() if k != "sample"}
+        out["memory_bytes"] = self.memory_bytes
+        out["has_problems"] = self.has_problems
+        out["sample_rows"] = len(self.sample)
+        for stats, raw in zip(self.features, out["features"], strict=True):
+            raw["in_domain"] = stats.in_domain
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Accumulating over chunks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Issues:
+    count: int = 0
+    rows: list[int] = field(default_factory=list)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, mask: np.ndarray, offset: int, raw: pd.Series | None) -> None:
+        idx = np.flatnonzero(mask)
+        if len(idx) == 0:
+            return
+        self.count += len(idx)
+        room = ROWS_SHOWN - len(self.rows)
+        if room > 0:
+            self.rows.extend(int(i) + offset + 1 for i in idx[:room])
+        if raw is not None and len(self.examples) < EXAMPLES_SHOWN:
+            for value in raw.iloc[idx[: EXAMPLES_SHOWN * 4]]:
+                text = repr(value)
+                if text not in self.examples:
+                    self.examples.append(text)
+                if len(self.examples) == EXAMPLES_SHOWN:
+                    break
+
+
+@dataclass
+class _Numeric:
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+
+    def add(self, values: np.ndarray) -> None:
+        """Merge a chunk's valid values (Chan et al.'s parallel mean/variance update)."""
+        if len(values) == 0:
+            return
+        n_b, mean_b = len(values), float(values.mean())
+        m2_b = float(((values - mean_b) ** 2).sum())
+        total = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / total
+        self.m2 += m2_b + delta**2 * self.n * n_b / total
+        self.n = total
+        self.extend(values)
+
+    def extend(self, values: np.ndarray) -> None:
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            self.low = min(self.low, float(finite.min()))
+            self.high = max(self.high, float(finite.max()))
+
+
+_ISSUE_FIELDS = {
+    "is empty": "empty",
+    "is not a number": "wrong_type",
+    "is not an integer": "not_integer",
+    "is out of domain": "out_of_domain",
+    "is not allowed": "out_of_domain",
+}
+_KIND_TEXT = {
+    "is empty": "empty value(s)",
+    "is not a number": "value(s) of the wrong type (not a number)",
+    "is not an integer": "value(s) of the wrong type (not an integer)",
+    "is out of domain": "value(s) out of domain",
+    "is not allowed": "value(s) not allowed (unknown category)",
+}
+
+
+class ProfileBuilder:
+    """Feed chunks in file order with :meth:`update`, then call :meth:`finish`.
+
+    ``text_columns=True`` says the chunks hold every column as text (streamed CSV); the column types
+    are then inferred from the values the way pandas would, so the structure reads the same.
+    """
+
+    def __init__(
+        self,
+        source: str = "data",
+        *,
+        sample_rows: int = SAMPLE_ROWS,
+        seed: int = 42,
+        cv_folds: int = 5,
+        text_columns: bool = False,
+    ) -> None:
+        self.source = source
+        self.sample_rows = sample_rows
+        self.cv_folds = cv_folds
+        self.text_columns = text_columns
+        self._rng = np.random.default_rng(seed)
+        self._rows = 0
+        self._columns: list[str] | None = None
+        self._dtypes: dict[str, str] = {}
+        self._non_null: dict[str, int] = {}
+        self._memory: dict[str, int] = {}
+        self._issues: dict[tuple[str, str], _Issues] = {}
+        self._numeric: dict[str, _Numeric] = {f.name: _Numeric() for f in schema.FEATURES}
+        self._categories: dict[str, dict[str, int]] = {f.name: {} for f in schema.FEATURES}
+        self._not_numeric: set[str] = set()
+        self._not_integer: set[str] = set()
+        self._labels: dict[str, int] = {}
+        self._bad_rows = 0
+        self._row_hashes: list[np.ndarray] = []
+        self._id_hashes: list[np.ndarray] = []
+        self._sample: pd.DataFrame | None = None
+        self._sample_keys = np.empty(0)
+
+    # -- feeding ---------------------------------------------------------------------------------
+
+    def update(self, chunk: pd.DataFrame) -> None:
+        """Account for the next rows of the file (their row numbers continue from the last chunk)."""
+        chunk = chunk.loc[:, ~chunk.columns.duplicated()].reset_index(drop=True)
+        if self._columns is None:
+            self._columns = [str(c) for c in chunk.columns]
+            for name in self._columns:
+                self._non_null[name] = 0
+                self._memory[name] = 0
+                self._dtypes[name] = str(chunk[name].dtype) if name in chunk else "?"
+        elif [str(c) for c in chunk.columns] != self._columns:
+            raise DataError(f"{self.source}: a chunk has different columns from the first one")
+        offset, n = self._rows, len(chunk)
+        memory = chunk.memory_usage(deep=True, index=False)
+        for name in chunk.columns:
+            self._non_null[str(name)] += int(chunk[name].notna().sum())
+            self._memory[str(name)] += int(memory[name])
+            if not self.text_columns and str(chunk[name].dtype) != self._dtypes[str(name)]:
+                self._dtypes[str(name)] = "object"  # pandas would not hold one type for the column
+
+        bad = np.zeros(n, dtype=bool)
+        clean: dict[str, np.ndarray] = {}
+        for feature in schema.FEATURES:
+            if feature.name not in chunk.columns:
+                continue
+            series = chunk[feature.name]
+            checked = _check_feature(series, feature)
+            for issue in checked.issues:
+                if not issue.mask.any():
+                    continue
+                bad |= issue.mask
+                key = (feature.name, issue.kind)
+                entry = self._issues.setdefault(key, _Issues())
+                entry.add(issue.mask, offset, None if issue.kind == "is empty" else series)
+                if issue.kind == "is not a number":
+                    self._not_numeric.add(feature.name)
+                elif issue.kind == "is not an integer":
+                    self._not_integer.add(feature.name)
+                elif issue.kind == "is out of domain":
+                    outside = pd.to_numeric(series[issue.mask], errors="coerce")
+                    self._numeric[feature.name].extend(outside.to_numpy(dtype="float64", na_value=np.nan))
+            values = checked.values
+            if feature.is_numeric:
+                self._numeric[feature.name].add(values[~np.isnan(values)])
+            else:
+                counts = pd.Series(values).value_counts()
+                bucket = self._categories[feature.name]
+                for category, count in counts.items():
+                    bucket[str(category)] = bucket.get(str(category), 0) + int(count)
+            clean[feature.name] = values
+
+        labels = None
+        if schema.LABEL_COLUMN in chunk.columns:
+            raw = chunk[schema.LABEL_COLUMN]
+            text = raw.astype("str").str.strip()
+            empty = (raw.isna() | (text == "")).to_numpy(dtype=bool)
+            unknown = ~empty & ~text.isin(schema.LABELS).to_numpy(dtype=bool)
+            for kind, mask, examples in (("empty label", empty, None), ("unknown label", unknown, raw)):
+                if mask.any():
+                    self._issues.setdefault((schema.LABEL_COLUMN, kind), _Issues()).add(
+                        mask, offset, examples
+                    )
+            bad |= empty | unknown
+            for label, count in text[~empty & ~unknown].value_counts().items():
+                self._labels[str(label)] = self._labels.get(str(label), 0) + int(count)
+            labels = text.to_numpy(dtype=object)
+
+        if schema.ID_COLUMN in chunk.columns:
+            ids = chunk[schema.ID_COLUMN].astype("str").str.strip()
+            empty = (chunk[schema.ID_COLUMN].isna() | (ids == "")).to_numpy(dtype=bool)
+            if empty.any():
+                self._issues.setdefault((schema.ID_COLUMN, "empty id"), _Issues()).add(empty, offset, None)
+            bad |= empty
+            hashed = pd.util.hash_pandas_object(ids, index=False).to_numpy()
+            # An empty id is reported as empty, never as a duplicate of another empty id.
+            hashed = np.where(
+                empty, np.arange(offset, offset + n, dtype=np.uint64) ^ 0x9E3779B97F4A7C15, hashed
+            )
+            self._id_hashes.append(hashed)
+        self._row_hashes.append(pd.util.hash_pandas_object(chunk, index=False).to_numpy())
+
+        self._bad_rows += int(bad.sum())
+        if labels is not None and len(clean) == len(schema.FEATURES):
+            self._add_to_sample(clean, labels, ~bad)
+        self._rows += n
+
+    def _add_to_sample(self, clean: dict[str, np.ndarray], labels: np.ndarray, valid: np.ndarray) -> None:
+        keys = self._rng.random(len(labels))[valid]
+        if len(keys) == 0:
+            return
+        frame = pd.DataFrame({name: clean[name][valid] for name in schema.FEATURE_NAMES})
+        frame[schema.LABEL_COLUMN] = labels[valid]
+        if self._sample is not None:
+            frame = pd.concat([self._sample, frame], ignore_index=True)
+            keys = np.concatenate([self._sample_keys, keys])
+        if len(keys) > self.sample_rows:
+            keep = np.sort(np.argpartition(keys, self.sample_rows - 1)[: self.sample_rows])
+            frame, keys = frame.iloc[keep].reset_index(drop=True), keys[keep]
+        self._sample, self._sample_keys = frame, keys
+
+    # -- finishing -------------------------------------------------------------------------------
+
+    def finish(self) -> DataProfile:
+        """The profile of all rows fed so far."""
+        columns = self._columns or []
+        header = pd.DataFrame(columns=columns)
+        missing = missing_columns(header, require_label=False)
+        unknown = unknown_columns(header)
+        findings: list[Finding] = [
+            Finding(column, "required column missing", 0, expected="add it to the header")
+            for column in missing
+        ]
+        findings += [
+            Finding(column, "unknown column", 0, expected="only the schema's columns") for column in unknown
+        ]
+        if self._columns is not None and schema.LABEL_COLUMN not in columns:
+            logger.info(
+                "%s has no %s column: balance and separation skipped", self.source, schema.LABEL_COLUMN
+            )
+
+        findings += self._cell_findings()
+        duplicate_rows, duplicate_ids, dup_findings = self._duplicates()
+        findings += dup_findings
+        features = self._feature_stats()
+        balance = self._balance() if schema.LABEL_COLUMN in columns else None
+        sample = self._sample if self._sample is not None else pd.DataFrame()
+        return DataProfile(
+            source=self.source,
+            rows=self._rows,
+            columns=self._column_infos(),
+            missing_columns=missing,
+            unknown_columns=unknown,
+            features=features,
+            findings=findings,
+            invalid_rows=self._bad_rows,
+            duplicate_rows=duplicate_rows,
+            duplicate_ids=duplicate_ids,
+            balance=balance,
+            separation=separation(sample),
+            separation_method=SEPARATION_METHOD,
+            sample=sample,
+        )
+
+    def _column_infos(self) -> list[ColumnInfo]:
+        infos = []
+        for position, name in enumerate(self._columns or []):
+            role = (
+                "id"
+                if name == schema.ID_COLUMN
+                else "label"
+                if name == schema.LABEL_COLUMN
+                else "feature"
+                if name in schema.FEATURES_BY_NAME
+                else "unknown"
+            )
+            dtype, memory = self._dtypes[name], self._memory[name]
+            if self.text_columns:
+                dtype = "str"
+                feature = schema.FEATURES_BY_NAME.get(name)
+                if feature is not None and feature.is_numeric and name not in self._not_numeric:
+                    nulls = self._non_null[name] < self._rows
+                    dtype = "float64" if nulls or name in self._not_integer else "int64"
+                    memory = 8 * self._rows
+            infos.append(ColumnInfo(position, name, role, dtype, self._non_null[name], memory))
+        return infos
+
+    def _cell_findings(self) -> list[Finding]:
+        findings = []
+        order = {
+            name: i for i, name in enumerate([schema.ID_COLUMN, *schema.FEATURE_NAMES, schema.LABEL_COLUMN])
+        }
+        for (column, kind), entry in sorted(self._issues.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+            feature = schema.FEATURES_BY_NAME.get(column)
+            if feature is not None:
+                text, expected = _KIND_TEXT[kind], feature.domain_text()
+            elif column == schema.LABEL_COLUMN:
+                text, expected = f"{kind}(s)", "one of " + ", ".join(schema.LABELS)
+            else:
+                text, expected = f"{kind}(s)", "every customer has an id"
+            findings.append(Finding(column, text, entry.count, entry.rows, entry.examples, expected))
+        return findings
+
+    def _duplicates(self) -> tuple[int, int, list[Finding]]:
+        findings: list[Finding] = []
+        if not self._row_hashes:
+            return 0, 0, findings
+        rows = np.concatenate(self._row_hashes)
+        first = _first_occurrence(rows)
+        repeats = np.flatnonzero(first != np.arange(len(rows)))
+        if len(repeats):
+            shown = repeats[:ROWS_SHOWN]
+            findings.append(
+                Finding(
+                    None,
+                    "duplicate row(s) (identical in every column to an earlier row)",
+                    len(repeats),
+                    [int(i) + 1 for i in shown],
+                    expected="each customer once",
+                    first_seen=[int(first[i]) + 1 for i in shown],
+                )
+            )
+        duplicate_ids = 0
+        if self._id_hashes:
+            ids = np.concatenate(self._id_hashes)
+            # Exact copies are reported above; here only ids shared by rows that differ (conflicts).
+            distinct = np.flatnonzero(first == np.arange(len(rows)))
+            first_id = _first_occurrence(ids[distinct])
+            clash = np.flatnonzero(first_id != np.arange(len(distinct)))
+            duplicate_ids = len(clash)
+            if duplicate_ids:
+                shown = clash[:ROWS_SHOWN]
+                findings.append(
+                    Finding(
+                        schema.ID_COLUMN,
+                        "duplicate id(s) on rows that differ (conflicting records)",
+                        duplicate_ids,
+                        [int(distinct[i]) + 1 for i in shown],
+                        expected="customer ids are unique",
+                        first_seen=[int(distinct[first_id[i]]) + 1 for i in shown],
+                    )
+                )
+        return len(repeats), duplicate_ids, findings
+
+    def _feature_stats(self) -> list[FeatureStats]:
+        out = []
+        for feature in schema.FEATURES:
+            stats = FeatureStats(feature.name, feature.kind, feature.domain_text())
+            for (column, kind), entry in self._issues.items():
+                if column == feature.name:
+                    setattr(stats, _ISSUE_FIELDS[kind], getattr(stats, _ISSUE_FIELDS[kind]) + entry.count)
+            if feature.is_numeric:
+                acc = self._numeric[feature.name]
+                stats.valid = acc.n
+                if acc.n:
+                    stats.mean = acc.mean
+                    stats.std = math.sqrt(acc.m2 / acc.n)
+                if acc.low <= acc.high:
+                    stats.minimum, stats.maximum = acc.low, acc.high
+            else:
+                stats.categories = dict(sorted(self._categories[feature.name].items()))
+                stats.valid = sum(stats.categories.values())
+            out.append(stats)
+        return out
+
+    def _balance(self) -> ClassBalance:
+        counts = {label: self._labels.get(label, 0) for label in schema.LABELS}
+        counts |= {k: v for k, v in self._labels.items() if k not in counts}
+        empty = self._issues.get((schema.LABEL_COLUMN, "empty label"), _Issues()).count
+        unknown = self._issues.get((schema.LABEL_COLUMN, "unknown label"), _Issues()).count
+        return class_balance(counts, cv_folds=self.cv_folds, empty=empty, unknown=unknown)
+
+
+def _first_occurrence(hashes: np.ndarray) -> np.ndarray:
+    """For each position, the position of the first equal value."""
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    return first[inverse]
+
+
+def class_balance(
+    counts: dict[str, int], *, cv_folds: int = 5, empty: int = 0, unknown: int = 0
+) -> ClassBalance:
+    """Judge segment sizes with training's own rules (``custseg.train.check_trainable``)."""
+    present = {k: v for k, v in counts.items() if v > 0}
+    # check_trainable only looks at how small the classes are; capping keeps its frame tiny.
+    cap = 1000
+    frame = pd.DataFrame(
+        {schema.LABEL_COLUMN: np.repeat(list(present), [min(v, cap) for v in present.values()])}
+    )
+    try:
+        folds: int | None = check_trainable(frame, cv_folds)
+        verdict = f"trainable: {folds}-fold stratified CV after the {1 - TEST_SIZE:.0%}/{TEST_SIZE:.0%} split"
+    except TrainingError as exc:
+        folds, verdict = None, f"not trainable: {exc}"
+    warnings = []
+    for label in schema.LABELS:
+        n = counts.get(label, 0)
+        if n == 0:
+            warnings.append(f"{label}: no rows — a model trained on this data can never predict it.")
+            continue
+        in_training = int(np.floor(n * (1 - TEST_SIZE)))
+        held_out = n - in_training
+        reasons = []
+        if n < MIN_CLASS_ROWS:
+            reasons.append(f"fewer than {MIN_CLASS_ROWS} rows is too few to learn it reliably")
+        if in_training < MIN_CV_FOLDS:
+            reasons.append(
+                f"only {in_training} would stay for training after the {TEST_SIZE:.0%} hold-out, fewer than "
+                f"the {MIN_CV_FOLDS} stratified CV folds training needs"
+            )
+        elif in_training < cv_folds:
+            reasons.append(
+                f"only {in_training} would stay for training after the {TEST_SIZE:.0%} hold-out, so "
+                f"{cv_folds}-fold CV is reduced to {max(MIN_CV_FOLDS, in_training)} folds"
+            )
+        if held_out < MIN_HOLDOUT_ROWS:
+            reasons.append(
+                f"about {held_out} would be held out, so its held-out recall moves in steps of "
+                f"{100 / held_out:.0f} points and cannot be evaluated reliably"
+            )
+        if reasons:
+            warnings.append(f"{label} has only {n} row(s): " + "; ".join(reasons) + ".")
+    return ClassBalance(dict(counts), empty, unknown, folds is not None, folds, verdict, warnings)
+
+
+def separation(sample: pd.DataFrame, seed: int = 0) -> dict[str, float]:
+    """Mutual information of each feature with the segment on a sample of valid rows, highest first."""
+    if len(sample) < 20 or schema.LABEL_COLUMN not in sample or sample[schema.LABEL_COLUMN].nunique() < 2:
+        return {}
+    from sklearn.feature_selection import mutual_info_classif
+
+    x = pd.DataFrame(
+        {
+            f.name: (sample[f.name] == f.categories[-1]).astype(float)
+            if not f.is_numeric and f.categories
+            else sample[f.name].astype(float)
+            for f in schema.FEATURES
+        }
+    )
+    discrete = [not f.is_numeric or f.name == "loyalty_program" for f in schema.FEATURES]
+    scores = mutual_info_classif(
+        x.to_numpy(), sample[schema.LABEL_COLUMN].to_numpy(), discrete_features=discrete, random_state=seed
+    )
+    ranked = sorted(zip(schema.FEATURE_NAMES, map(float, scores), strict=True), key=lambda kv: -kv[1])
+    return dict(ranked)
+
+
+def profile_chunks(chunks: Iterable[pd.DataFrame], source: str = "data", **options: Any) -> DataProfile:
+    """Profile a data set given as consecutive DataFrame chunks (bounded memory)."""
+    builder = ProfileBuilder(source, **options)
+    for chunk in chunks:
+        builder.update(chunk)
+    return builder.finish()
+
+
+def profile(frame: pd.DataFrame, source: str = "data", **options: Any) -> DataProfile:
+    """Profile one in-memory DataFrame."""
+    return profile_chunks([frame], source, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading (the I/O edge)
+# --------------------------------------------------------------------------------------------------
+
+
+def read_chunks(
+    path: str | Path, *, chunk_rows: int = CHUNK_ROWS, stream_above_bytes: int = STREAM_ABOVE_BYTES
+) -> tuple[Iterator[pd.DataFrame], bool]:
+    """(chunks, text_columns) for a data file.
+
+    Files up to ``stream_above_bytes`` are read whole by ``custseg.data.load_table`` (as training reads
+    them). Larger Parquet files stream by record batch; larger CSV files stream through pyarrow with
+    every column as text (``text_columns`` is then True), so a bad value deep in the file is reported
+    by the checks instead of breaking type inference.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size <= stream_above_bytes:
+        return iter([load_table(path)]), False
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_EXTENSIONS:
+        return _parquet_chunks(path, chunk_rows), False
+    if suffix in CSV_EXTENSIONS:
+        return _csv_chunks(path), True
+    return iter([load_table(path)]), False  # load_table explains the unknown extension
+
+
+def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+            yield batch.to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"Cannot read '{path}' as Parquet: {exc}") from None
+
+
+def _csv_chunks(path: Path) -> Iterator[pd.DataFrame]:
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        header = next(csv.reader(handle), [])
+    convert = pa_csv.ConvertOptions(
+        column_types=dict.fromkeys(header, pa.string()),
+        null_values=_NULL_STRINGS,
+        strings_can_be_null=True,
+    )
+    try:
+        reader = pa_csv.open_csv(
+            path, read_options=pa_csv.ReadOptions(block_size=16 << 20), convert_options=convert
+        )
+        for batch in reader:
+            yield batch.to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise DataError(
+            f"Cannot read '{path}' as CSV ({detail}). Check that every line has the header's number of "
+            "fields; pandas would refuse this file for training too."
+        ) from None
+
+
+def profile_file(
+    path: str | Path,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+    stream_above_bytes: int = STREAM_ABOVE_BYTES,
+    **options: Any,
+) -> DataProfile:
+    """Read and profile a CSV or Parquet file of any size."""
+    chunks, text = read_chunks(path, chunk_rows=chunk_rows, stream_above_bytes=stream_above_bytes)
+    return profile_chunks(chunks, Path(path).name, text_columns=text, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML report
+# --------------------------------------------------------------------------------------------------
+
+_SEGMENT_COLOURS = {"low_value": "#cc3311", "medium_value": "#0077bb", "high_value": "#009988"}
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def distribution_figure(sample: pd.DataFrame) -> Any:
+    """Per-feature distributions split by segment (densities, so a tiny segment stays visible)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 3, figsize=(13, 12))
+    labels = [label for label in schema.LABELS if (sample[schema.LABEL_COLUMN] == label).any()]
+    for ax, feature in zip(axes.flat, schema.FEATURES, strict=False):
+        if feature.is_numeric and feature.name != "loyalty_program":
+            values = sample[feature.name].astype(float)
+            bins = np.histogram_bin_edges(values, bins=30)
+            for label in labels:
+                part = values[sample[schema.LABEL_COLUMN] == label]
+                ax.hist(
+                    part,
+                    bins=bins,
+                    density=True,
+                    histtype="step",
+                    linewidth=1.6,
+                    color=_SEGMENT_COLOURS.get(label),
+                    label=f"{label} ({len(part)})",
+                )
+        else:
+            column = sample[feature.name] if not feature.is_numeric else sample[feature.name].astype(int)
+            column = column.astype(str)
+            categories = sorted(column.unique())
+            width = 0.8 / max(len(labels), 1)
+            for i, label in enumerate(labels):
+                part = column[sample[schema.LABEL_COLUMN] == label]
+                shares = part.value_counts(normalize=True)
+                ax.bar(
+                    np.arange(len(categories)) + i * width,
+                    [shares.get(c, 0.0) for c in categories],
+                    width=width,
+                    color=_SEGMENT_COLOURS.get(label),
+                    label=label,
+                )
+            ax.set_xticks(np.arange(len(categories)) + width * (len(labels) - 1) / 2, categories)
+            ax.set_ylabel("share within segment")
+        ax.set_title(feature.name, fontsize=10)
+    for ax in list(axes.flat)[len(schema.FEATURES) :]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower right", bbox_to_anchor=(0.95, 0.08))
+    fig.suptitle(f"feature distributions by segment ({len(sample):,} sampled valid rows, densities)")
+    fig.tight_layout()
+    return fig
+
+
+def correlation_figure(sample: pd.DataFrame) -> Any:
+    """Pearson correlations of the features (gender as 1 = Male) and the segments (one-vs-rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame({name: sample[name] for name in schema.NUMERIC_FEATURES}).astype(float)
+    table.insert(1, "gender=Male", (sample["gender"] == "Male").astype(float))
+    for label in schema.LABELS:
+        if (sample[schema.LABEL_COLUMN] == label).any():
+            table[f"is_{label}"] = (sample[schema.LABEL_COLUMN] == label).astype(float)
+    corr = table.corr().fillna(0.0)
+    fig, ax = plt.subplots(figsize=(9, 7.5))
+    image = ax.imshow(corr.to_numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(corr)), corr.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(corr)), corr.columns, fontsize=8)
+    for (i, j), value in np.ndenumerate(corr.to_numpy()):
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=6,
+            color="white" if abs(value) > 0.6 else "black",
+        )
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title("correlation (Pearson) of features and segments", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.6g}"
+
+
+def render_html(data: DataProfile) -> str:
+    """A self-contained HTML report: tables plus inline base64 PNG plots, no external assets."""
+    parts = [
+        f"<h1>custseg inspect: {html.escape(data.source)}</h1>",
+        f"<p>{data.rows:,} rows, {len(data.columns)} columns, ~{data.memory_bytes / 1e6:,.1f} MB in memory; "
+        f"{data.invalid_rows:,} invalid row(s), {data.duplicate_rows:,} duplicate row(s), "
+        f"{data.duplicate_ids:,} conflicting duplicate id(s).</p>",
+        "<h2>Structure</h2>",
+        _table(
+            ["#", "column", "role", "dtype", "non-null", "memory"],
+            [
+                [c.position, c.name, c.role, c.dtype, f"{c.non_null:,}", f"{c.memory_bytes:,}"]
+                for c in data.columns
+            ],
+        ),
+        "<h2>Problems</h2>",
+        _table(["column", "problem"], [[f.column or "(rows)", str(f)] for f in data.findings])
+        if data.findings
+        else "<p>None found.</p>",
+        "<h2>Values against the schema's domains</h2>",
+        _table(
+            [
+                "feature",
+                "domain",
+                "valid",
+                "empty",
+                "wrong type",
+                "not integer",
+                "out of domain",
+                "min",
+                "max",
+                "mean",
+                "categories",
+            ],
+            [
+                [
+                    s.name,
+                    s.domain,
+                    f"{s.valid:,}",
+                    s.empty,
+                    s.wrong_type,
+                    s.not_integer,
+                    s.out_of_domain,
+                    _num(s.minimum),
+                    _num(s.maximum),
+                    _num(s.mean),
+                    ", ".join(f"{k} {v:,}" for k, v in s.categories.items()),
+                ]
+                for s in data.features
+            ],
+        ),
+    ]
+    if data.balance is not None:
+        parts += [
+            "<h2>Class balance</h2>",
+            _table(
+                ["segment", "rows", "share"],
+                [
+                    [k, f"{v:,}", f"{v / max(sum(data.balance.counts.values()), 1):.2%}"]
+                    for k, v in data.balance.counts.items()
+                ],
+            ),
+            f"<p>{html.escape(data.balance.verdict)}</p>",
+            "".join(f"<p class='warn'>warning: {html.escape(w)}</p>" for w in data.balance.warnings),
+        ]
+    if data.separation:
+        parts += [
+            "<h2>Features that separate the segments</h2>",
+            f"<p>{html.escape(data.separation_method)} ({len(data.sample):,} rows).</p>",
+            _table(["feature", "score"], [[k, f"{v:.4f}"] for k, v in data.separation.items()]),
+        ]
+    if len(data.sample) and schema.LABEL_COLUMN in data.sample:
+        parts += [
+            "<h2>Distributions by segment</h2>",
+            f"<img alt='distributions' src='data:image/png;base64,{_png(distribution_figure(data.sample))}'>",
+            "<h2>Correlations</h2>",
+            f"<img alt='correlations' src='data:image/png;base64,{_png(correlation_figure(data.sample))}'>",
+        ]
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+        ".warn{color:#a33}img{max-width:100%}"
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>custseg inspect: {html.escape(data.source)}</title><style>{style}</style></head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Terminal report (rich renderables; the CLI prints them)
+# --------------------------------------------------------------------------------------------------
+
+
+def _short_domain(name: str) -> str:
+    feature = schema.FEATURES_BY_NAME[name]
+    if feature.categories is not None:
+        return "|".join(feature.categories)
+    low = "-inf" if feature.minimum is None else f"{feature.minimum:g}"
+    high = "inf" if feature.maximum is None else f"{feature.maximum:g}"
+    return f"{feature.kind} [{low}, {high}]"
+
+
+def rich_report(data: DataProfile) -> list[Any]:
+    """The terminal report as rich renderables, in reading order."""
+    from rich.table import Table
+    from rich.text import Text
+
+    heading = Text(data.source, "bold")
+    heading.append(
+        f": {data.rows:,} rows, {len(data.columns)} columns, ~{data.memory_bytes / 1e6:,.1f} MB in memory"
+    )
+    out: list[Any] = [heading]
+    structure = Table(title="structure", title_justify="left")
+    for name in ("#", "column", "role", "dtype", "non-null", "memory"):
+        structure.add_column(name, justify="right" if name in ("#", "non-null", "memory") else "left")
+    for c in data.columns:
+        style = "red" if c.role == "unknown" else None
+        structure.add_row(
+            str(c.position), c.name, c.role, c.dtype, f"{c.non_null:,}", f"{c.memory_bytes:,}", style=style
+        )
+    out.append(structure)
+
+    domains = Table(title="values against the schema's domains", title_justify="left")
+    for name in ("feature", "domain", "valid", "problems", "observed"):
+        domains.add_column(name, justify="right" if name == "valid" else "left")
+    for s in data.features:
+        if s.categories:
+            observed = ", ".join(f"{k} {v:,}" for k, v in s.categories.items())
+        else:
+            observed = f"{_num(s.minimum)} – {_num(s.maximum)}" if s.minimum is not None else "-"
+        bad = [
+            f"{count:,} {what}"
+            for count, what in (
+                (s.empty, "empty"),
+                (s.wrong_type, "wrong type"),
+                (s.not_integer, "not integer"),
+                (s.out_of_domain, "out of domain"),
+            )
+            if count
+        ]
+        domains.add_row(
+            s.name,
+            _short_domain(s.name),
+            f"{s.valid:,}",
+            ", ".join(bad),
+            observed,
+            style=None if s.in_domain else "red",
+        )
+    out.append(domains)
+
+    if data.findings:
+        out.append(
+            Text(f"{len(data.findings)} problem(s) ({data.invalid_rows:,} invalid row(s)):", "bold red")
+        )
+        out += [Text(f"  - {finding}", "red") for finding in data.findings]
+    else:
+        out.append(
+            Text("no problems: every cell is in its domain, no duplicates, all columns known", "green")
+        )
+
+    if data.balance is None:
+        out.append(Text(f"no {schema.LABEL_COLUMN} column: unlabelled data (fine for scoring, not training)"))
+    else:
+        total = max(sum(data.balance.counts.values()), 1)
+        balance = Table(title="class balance", title_justify="left")
+        for name in ("segment", "rows", "share"):
+            balance.add_column(name, justify="left" if name == "segment" else "right")
+        for label, count in data.balance.counts.items():
+            balance.add_row(label, f"{count:,}", f"{count / total:.2%}")
+        out.append(balance)
+        out.append(Text(data.balance.verdict, "green" if data.balance.trainable else "bold red"))
+        out += [Text(f"warning: {w}", "yellow") for w in data.balance.warnings]
+
+    if data.separation:
+        ranking = Table(
+            title=f"features that separate the segments: {data.separation_method} "
+            f"({len(data.sample):,} rows)",
+            title_justify="left",
+        )
+        ranking.add_column("feature")
+        ranking.add_column("score", justify="right")
+        for name, score in data.separation.items():
+            ranking.add_row(name, f"{score:.4f}")
+        out.append(ranking)
+    return out
