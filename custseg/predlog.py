@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,7 @@ class PredictionLog:
         self.write_failures = 0
         self.purged = 0
         self.last_error: str | None = None
-        self._listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+        self._companions: list[Any] = []
         self._buffer: deque[dict[str, Any]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -248,9 +248,11 @@ class PredictionLog:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def add_listener(self, listener: Callable[[list[dict[str, Any]]], None]) -> None:
-        """Call ``listener(entries)`` on every submit (in the caller's thread: keep it cheap)."""
-        self._listeners.append(listener)
+    def attach(self, companion: Any) -> None:
+        """Attach a companion (e.g. the live drift monitor) that sees every submit through
+        ``observe(entries)`` (in the caller's thread: keep it cheap) and shares the log's life cycle
+        (``start``, ``close``, ``register_metrics``)."""
+        self._companions.append(companion)
 
     def start(self) -> None:
         """Start the background writer (idempotent)."""
@@ -260,14 +262,16 @@ class PredictionLog:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="custseg-predlog", daemon=True)
             self._thread.start()
+        for companion in self._companions:
+            companion.start()
 
     def submit(self, entries: list[dict[str, Any]]) -> None:
         """Queue entries for writing; never blocks on the database. Drops (and counts) beyond the bound."""
-        for listener in self._listeners:
+        for companion in self._companions:
             try:
-                listener(entries)
-            except Exception:  # a monitoring listener must never break serving
-                logger.exception("prediction log listener failed")
+                companion.observe(entries)
+            except Exception:  # monitoring must never break serving
+                logger.exception("prediction log companion failed")
         with self._lock:
             room = self.max_rows - len(self._buffer)
             accepted = entries if len(entries) <= room else entries[: max(room, 0)]
@@ -304,6 +308,8 @@ class PredictionLog:
     def close(self) -> None:
         """Stop the writer after writing every buffered row (gives up after ``close_timeout`` if the
         database stays unreachable, and says how many rows were lost)."""
+        for companion in self._companions:
+            companion.close()
         thread = self._thread
         with self._lock:
             self._stopping = True
@@ -449,10 +455,12 @@ class PredictionLog:
         until: float | None = None,
         model_version: str | None = None,
         *,
+        labelled_only: bool = False,
         limit: int | None = None,
     ) -> pd.DataFrame:
         """Logged predictions with ``since <= ts < until`` (epoch seconds), oldest first, with the
-        true segment from feedback (by request id and row, else by customer id) in ``true_segment``."""
+        true segment from feedback (by request id and row, else by customer id) in ``true_segment``
+        (``labelled_only``: only rows that have one)."""
         self.ensure_schema()
         p, fb = self.predictions, self.feedback
         by_request = fb.alias("fb_request")
@@ -496,6 +504,8 @@ class PredictionLog:
     def register_metrics(self, registry: Any) -> None:
         """Expose the log's counters on a prometheus_client CollectorRegistry."""
         registry.register(_PredictionLogCollector(self))
+        for companion in self._companions:
+            companion.register_metrics(registry)
 
 
 def _typed_window(frame: pd.DataFrame) -> pd.DataFrame:
