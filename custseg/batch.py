@@ -1,0 +1,636 @@
+"""Batch scoring of whole customer tables: streaming CSV/Parquet on one machine, or Spark.
+
+The local engine (:func:`score_file`) reads the input in chunks (``pyarrow.csv.open_csv`` or
+``ParquetFile.iter_batches``), checks each chunk with the shared rules (:func:`custseg.data.row_problems`,
+:func:`custseg.data.validate_frame`), scores the valid rows through the one scoring path
+(``Scorer.score_columns(to_columns(frame))``) and writes them with pyarrow's CSV or Parquet writer.
+Memory is bounded by the chunk size, not by the file size.
+
+- CSV columns are read as text, so a bad value (``"abc"`` in ``age``) becomes a rejected row with a
+  reason instead of a reader crash; records with the wrong number of fields are rejected too.
+- Rows are numbered 1-based in input order, header not counted (blank CSV lines are not rows).
+- ``customer_id`` is required: a file without the column stops at once, a row with an empty id is
+  rejected. Ids are not checked for uniqueness (that would need memory proportional to the file).
+- Output and rejects are written under temporary names in their folders and renamed when complete, so
+  a failure never leaves a half-written file under the real name.
+
+The Spark engine lives in :mod:`custseg.batch_spark` (pyspark is optional); it scores each partition
+through the same :func:`score_chunk`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from custseg.data import CSV_EXTENSIONS, PARQUET_EXTENSIONS, missing_columns, row_problems, validate_frame
+from custseg.errors import DataError, DataValidationError, Problem
+from custseg.predict import Scorer, Scores, to_columns
+from custseg.schema import FEATURE_NAMES, ID_COLUMN
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "EXIT_REJECTED",
+    "BatchProgress",
+    "BatchSummary",
+    "ChunkResult",
+    "default_rejects_path",
+    "output_schema",
+    "score_chunk",
+    "score_file",
+]
+
+DEFAULT_CHUNK_ROWS = 100_000
+EXIT_REJECTED = 3
+"""Exit code of ``custseg score`` when the run completed but some rows were rejected."""
+
+INPUT_COLUMNS: tuple[str, ...] = (ID_COLUMN, *FEATURE_NAMES)
+SEGMENT_COLUMN = "segment"
+VERSION_COLUMN = "model_version"
+REJECT_COLUMNS: tuple[str, ...] = ("row", ID_COLUMN, "reason")
+_CSV_BYTES_PER_ROW = 128  # a generated customer row is ~76 bytes; read blocks of about chunk_rows rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """Where a run is: rows read so far (scored + rejected) and the share of the input done, if known."""
+
+    rows_read: int
+    rows_rejected: int
+    fraction: float | None
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What a batch run did."""
+
+    input: str
+    output: str
+    rejects: str | None
+    model_version: str
+    rows_scored: int
+    rows_rejected: int
+    segment_counts: dict[str, int]
+    seconds: float
+    engine: str = "local"
+
+    @property
+    def rows_read(self) -> int:
+        return self.rows_scored + self.rows_rejected
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One scored chunk: output rows (valid input rows, in input order) and rejected rows."""
+
+    output: pa.Table
+    rejects: pd.DataFrame
+    """Columns ``row`` (1-based input row, or -1 when unknown), ``customer_id``, ``reason``."""
+
+
+def output_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
+    """``customer_id, segment, proba_<class>..., model_version``."""
+    return pa.schema(
+        [
+            (ID_COLUMN, pa.string()),
+            (SEGMENT_COLUMN, pa.string()),
+            *[(f"proba_{c}", pa.float64()) for c in classes],
+            (VERSION_COLUMN, pa.string()),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The pure core: one chunk in, output rows and rejects out
+# --------------------------------------------------------------------------------------------------
+
+
+ScoreFn = Callable[[Mapping[str, np.ndarray]], Scores]
+
+
+def score_chunk(
+    frame: pd.DataFrame,
+    scorer: Scorer,
+    model_version: str,
+    *,
+    first_row: int = 1,
+    row_numbers: np.ndarray | None = None,
+    score_fn: ScoreFn | None = None,
+) -> ChunkResult:
+    """Check and score one chunk of raw rows (any extra columns are ignored).
+
+    ``row_numbers`` (1-based input rows of ``frame``'s rows) defaults to ``first_row, first_row + 1, ...``.
+    ``score_fn`` replaces ``scorer.score_columns`` (e.g. to spread a chunk over threads).
+    """
+    n = len(frame)
+    if n == 0:
+        empty = pa.Table.from_pylist([], schema=output_schema(scorer.classes))
+        return ChunkResult(empty, pd.DataFrame(columns=list(REJECT_COLUMNS)))
+    rows = row_numbers if row_numbers is not None else np.arange(first_row, first_row + n, dtype=np.int64)
+    ids = _ids(frame[ID_COLUMN])
+    features = frame[list(FEATURE_NAMES)].reset_index(drop=True)
+    try:
+        # Fast path: a clean chunk is checked (and typed) in one pass by the shared rules.
+        typed = validate_frame(features, require_label=False, require_id=False, source="chunk")
+        reasons = np.full(n, "", dtype=object)
+    except DataValidationError:
+        reasons = row_problems(features).to_numpy(dtype=object)
+        typed = None
+    empty_id = np.asarray([not i.strip() for i in ids], dtype=bool)
+    if empty_id.any():
+        reasons = reasons.copy()
+        for i in np.flatnonzero(empty_id):
+            reasons[i] = f"{ID_COLUMN} is empty" + (f"; {reasons[i]}" if reasons[i] else "")
+    bad = reasons != ""
+    if bad.any():
+        good = ~bad
+        typed = validate_frame(
+            features.loc[good].reset_index(drop=True), require_label=False, require_id=False, source="chunk"
+        )
+        ids_ok = ids[good]
+    else:
+        ids_ok = ids
+    assert typed is not None
+    score = score_fn or scorer.score_columns
+    scores = (
+        score(to_columns(typed))
+        if len(typed)
+        else Scores(np.array([], dtype=str), np.zeros((0, len(scorer.classes))), scorer.classes)
+    )
+    arrays: list[pa.Array] = [pa.array(ids_ok, type=pa.string()), pa.array(scores.labels, type=pa.string())]
+    for j in range(len(scorer.classes)):
+        arrays.append(pa.array(scores.probabilities[:, j], type=pa.float64()))
+    arrays.append(pa.array(np.full(len(typed), model_version, dtype=object), type=pa.string()))
+    output = pa.Table.from_arrays(arrays, schema=output_schema(scorer.classes))
+    rejects = pd.DataFrame(
+        {"row": rows[bad], ID_COLUMN: ids[bad], "reason": reasons[bad]}, columns=list(REJECT_COLUMNS)
+    )
+    return ChunkResult(output, rejects)
+
+
+def _ids(series: pd.Series) -> np.ndarray:
+    """customer_id as trimmed text ('' for missing); numeric ids from Parquet become their text."""
+    if pd.api.types.is_float_dtype(series):
+        # Parquet integer ids with nulls arrive as floats; write 12 rather than 12.0.
+        text = series.map(lambda v: "" if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
+        return text.to_numpy(dtype=object)
+    return series.astype("str").str.strip().fillna("").to_numpy(dtype=object)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: chunks of raw rows with their 1-based input row numbers, and parse-level rejects
+# --------------------------------------------------------------------------------------------------
+
+
+def _input_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in CSV_EXTENSIONS:
+        return "csv"
+    if suffix in PARQUET_EXTENSIONS:
+        return "parquet"
+    raise DataError(
+        f"Cannot read '{path}': unknown file extension '{path.suffix or '(none)'}'. `custseg score` reads "
+        f"CSV ({', '.join(CSV_EXTENSIONS)}) and Parquet ({', '.join(PARQUET_EXTENSIONS)}) files, chosen "
+        "by extension; rename the file or convert it."
+    )
+
+
+def _output_format(path: Path, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in ("csv", "parquet"):
+            raise DataError(f"Unknown output format {fmt!r}: use csv or parquet.")
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix in CSV_EXTENSIONS:
+        return "csv"
+    if suffix in PARQUET_EXTENSIONS:
+        return "parquet"
+    raise DataError(
+        f"Cannot tell the output format of '{path}' from its extension: name it .csv or .parquet, "
+        "or pass --format csv|parquet."
+    )
+
+
+def _check_columns(names: list[str], path: Path) -> None:
+    missing = missing_columns(pd.DataFrame(columns=names), require_label=False, require_id=True)
+    if missing:
+        raise DataError(
+            f"Cannot score '{path}': required column(s) missing: {', '.join(missing)}. The header has "
+            f"{', '.join(names) or '(no columns)'}; scoring needs {', '.join(INPUT_COLUMNS)} "
+            "(other columns are allowed and ignored)."
+        )
+
+
+def _unreadable(path: Path, kind: str, exc: Exception) -> DataError:
+    detail = " ".join(str(exc).split())[:300]
+    return DataError(
+        f"Cannot read '{path}' as {kind}: the file is unreadable or corrupt ({type(exc).__name__}: "
+        f"{detail}). Check that it really is a {kind} file"
+        + (" (UTF-8 text with a header line)" if kind == "CSV" else "")
+        + " and that it was written completely."
+    )
+
+
+@dataclass
+class _Chunk:
+    frame: pd.DataFrame
+    rows: np.ndarray
+    parse_rejects: list[tuple[int, str, str]] = field(default_factory=list)
+    """(row, customer_id, reason) of malformed records found up to the end of this chunk."""
+
+
+class _Source:
+    """A streaming reader over a CSV or Parquet file that yields `_Chunk`s of at most ``chunk_rows``."""
+
+    def __init__(self, path: Path, chunk_rows: int) -> None:
+        self.path = path
+        self.chunk_rows = chunk_rows
+        self.format = _input_format(path)
+        self.total_rows: int | None = None
+        self._file: pa.NativeFile | None = None
+        self._size = 1
+        if not path.exists():
+            raise DataError(f"Cannot read '{path}': the file does not exist. Check the path.")
+        if not path.is_file():
+            raise DataError(f"Cannot read '{path}': it is a directory, not a file.")
+        if self.format == "parquet":
+            try:
+                self._parquet = pq.ParquetFile(str(path))
+                names = list(self._parquet.schema_arrow.names)
+            except Exception as exc:  # pyarrow raises several types for corrupt files
+                raise _unreadable(path, "Parquet", exc) from None
+            self.total_rows = self._parquet.metadata.num_rows
+        else:
+            names = self._csv_header()
+            self._size = max(1, path.stat().st_size)
+        _check_columns(names, path)
+
+    def _csv_header(self) -> list[str]:
+        try:
+            with pa.OSFile(str(self.path)) as f:
+                reader = pa_csv.open_csv(f, read_options=pa_csv.ReadOptions(block_size=1 << 20))
+                names = list(reader.schema.names)
+                reader.close()
+        except Exception as exc:
+            if "Empty CSV file" in str(exc):
+                raise DataError(
+                    f"Cannot read '{self.path}': the file is empty (no header). Write a header line "
+                    f"with the column names ({', '.join(INPUT_COLUMNS)}) and at least one data row."
+                ) from None
+            raise _unreadable(self.path, "CSV", exc) from None
+        return names
+
+    def fraction(self, rows_read: int) -> float | None:
+        if self.total_rows is not None:
+            return rows_read / self.total_rows if self.total_rows else 1.0
+        if self._file is not None and not self._file.closed:
+            return min(1.0, self._file.tell() / self._size)
+        return None
+
+    def chunks(self) -> Iterator[_Chunk]:
+        if self.format == "parquet":
+            yield from self._parquet_chunks()
+        else:
+            yield from self._csv_chunks()
+
+    def _parquet_chunks(self) -> Iterator[_Chunk]:
+        done = 0
+        try:
+            for batch in self._parquet.iter_batches(batch_size=self.chunk_rows, columns=list(INPUT_COLUMNS)):
+                rows = np.arange(done + 1, done + batch.num_rows + 1, dtype=np.int64)
+                done += batch.num_rows
+                yield _Chunk(batch.to_pandas(), rows)
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(self.path, "Parquet", exc) from None
+
+    def _csv_chunks(self) -> Iterator[_Chunk]:
+        malformed: list[tuple[int, str]] = []  # (data row, text), in file order
+
+        def on_invalid(row: Any) -> str:
+            # With use_threads=False pyarrow numbers records (header = 1, blank lines not counted).
+            number = -1 if row.number is None else int(row.number) - 1
+            text = row.text if len(row.text) <= 200 else row.text[:200] + "..."
+            reason = (
+                f"malformed record: {row.actual_columns} fields, expected {row.expected_columns} ({text!r})"
+            )
+            malformed.append((number, reason))
+            return "skip"
+
+        block = min(256 << 20, max(64 << 10, self.chunk_rows * _CSV_BYTES_PER_ROW))
+        convert = pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in INPUT_COLUMNS},
+            include_columns=list(INPUT_COLUMNS),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        )
+        parsed = 0  # records parsed so far (malformed ones excluded)
+        reported = 0  # malformed records handed out so far
+        try:
+            self._file = pa.OSFile(str(self.path))
+            reader = pa_csv.open_csv(
+                self._file,
+                # One thread: pyarrow then reports the record number of malformed rows.
+                read_options=pa_csv.ReadOptions(use_threads=False, block_size=block),
+                parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid),
+                convert_options=convert,
+            )
+            for batch in reader:
+                for start in range(0, batch.num_rows, self.chunk_rows):
+                    part = batch.slice(start, self.chunk_rows)
+                    skipped = np.asarray([n for n, _ in malformed if n >= 0], dtype=np.int64)
+                    parsed_index = np.arange(parsed + 1, parsed + part.num_rows + 1, dtype=np.int64)
+                    # The k-th parsed record is the k-th input row not in the (sorted) skipped list.
+                    shift = np.searchsorted(skipped - np.arange(len(skipped)), parsed_index, side="right")
+                    rows = parsed_index + shift
+                    parsed += part.num_rows
+                    last = int(rows[-1]) if len(rows) else 0
+                    due = [m for m in malformed[reported:] if m[0] <= last]
+                    reported += len(due)
+                    yield _Chunk(part.to_pandas(), rows, [(n, "", r) for n, r in due])
+            rest = malformed[reported:]
+            if rest:
+                yield _Chunk(
+                    pd.DataFrame(columns=list(INPUT_COLUMNS)),
+                    np.zeros(0, np.int64),
+                    [(n, "", r) for n, r in rest],
+                )
+        except pa.ArrowException as exc:
+            raise _unreadable(self.path, "CSV", exc) from None
+        finally:
+            if self._file is not None:
+                self._file.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing: temporary name in the same folder, renamed when complete
+# --------------------------------------------------------------------------------------------------
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+class _OutputWriter:
+    """pyarrow CSV or Parquet writer on a temporary file; ``commit`` renames it to the real name."""
+
+    def __init__(self, path: Path, fmt: str, schema: pa.Schema) -> None:
+        self.path = path
+        self.tmp = _temp_name(path)
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa_csv.CSVWriter | pq.ParquetWriter
+        if fmt == "csv":
+            # pyarrow quotes header names; write a plain header like custseg's other CSV files.
+            self._sink = pa.OSFile(str(self.tmp), "wb")
+            self._sink.write((",".join(schema.names) + "\n").encode())
+            self._writer = pa_csv.CSVWriter(
+                self._sink, schema, write_options=pa_csv.WriteOptions(include_header=False)
+            )
+        else:
+            self._writer = pq.ParquetWriter(str(self.tmp), schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table)
+
+    def commit(self) -> None:
+        self._close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+    def _close(self) -> None:
+        self._writer.close()
+        if self._sink is not None and not self._sink.closed:
+            self._sink.close()
+
+
+class _RejectsWriter:
+    """The rejects CSV (row, customer_id, reason), written like the output: temporary name, then renamed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = _temp_name(path)
+        self._file = self.tmp.open("w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._file)
+        self._csv.writerow(REJECT_COLUMNS)
+
+    def write(self, rejects: pd.DataFrame) -> None:
+        self._csv.writerows(rejects.itertuples(index=False, name=None))
+
+    def commit(self) -> None:
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def default_rejects_path(output: str | Path) -> Path:
+    """``<output folder>/<output stem>.rejects.csv``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.rejects.csv")
+
+
+# --------------------------------------------------------------------------------------------------
+# The local engine
+# --------------------------------------------------------------------------------------------------
+
+
+def _threaded_score(scorer: Scorer, pool: ThreadPoolExecutor, workers: int) -> ScoreFn:
+    """Spread one chunk over ``workers`` threads (ONNX Runtime releases the GIL while it runs)."""
+
+    def score(columns: Mapping[str, np.ndarray]) -> Scores:
+        n = len(next(iter(columns.values())))
+        if workers < 2 or n < 2 * 1024:
+            return scorer.score_columns(columns)
+        bounds = np.linspace(0, n, workers + 1, dtype=int)
+        parts = [{k: v[a:b] for k, v in columns.items()} for a, b in itertools.pairwise(bounds)]
+        results = list(pool.map(scorer.score_columns, parts))
+        return Scores(
+            np.concatenate([r.labels for r in results]),
+            np.concatenate([r.probabilities for r in results]),
+            scorer.classes,
+        )
+
+    return score
+
+
+def _prefetch(chunks: Iterator[_Chunk], depth: int = 1) -> Iterator[_Chunk]:
+    """Read the next chunk in a background thread while the current one is scored (bounded queue)."""
+    import queue
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        q.put(("chunk", chunk), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=run, name="custseg-batch-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def score_file(
+    input: str | Path,
+    output: str | Path,
+    scorer: Scorer,
+    model_version: str,
+    *,
+    fmt: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    rejects: str | Path | None = None,
+    strict: bool = False,
+    workers: int | None = None,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchSummary:
+    """Score every row of a CSV/Parquet file into ``output`` (CSV or Parquet, by extension or ``fmt``).
+
+    Valid rows get ``customer_id, segment, proba_<class>..., model_version`` in input order; invalid
+    rows go to ``rejects`` (default ``<output stem>.rejects.csv``, always written, header only when
+    nothing was rejected). With ``strict`` the first invalid row raises :class:`DataValidationError`
+    (its row number and reason) and nothing is written. A missing column or an unreadable file raises
+    :class:`DataError` before anything is written. ``workers`` threads score each chunk (default: CPUs).
+    """
+    started = time.perf_counter()
+    input, output = Path(input), Path(output)
+    if chunk_rows < 1:
+        raise DataError(f"chunk_rows must be 1 or more (got {chunk_rows}).")
+    out_fmt = _output_format(output, fmt)
+    if input.resolve() == output.resolve():
+        raise DataError(f"The output '{output}' is the input file; choose another output path.")
+    source = _Source(input, chunk_rows)
+    rejects_path = None if strict else Path(rejects) if rejects is not None else default_rejects_path(output)
+    if rejects_path is not None and rejects_path.resolve() in (input.resolve(), output.resolve()):
+        raise DataError(f"The rejects file '{rejects_path}' would overwrite the input or output file.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+
+    writer = _OutputWriter(output, out_fmt, output_schema(scorer.classes))
+    rejects_writer = _RejectsWriter(rejects_path) if rejects_path is not None else None
+    counts: Counter[str] = Counter()
+    scored = rejected = 0
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="custseg-score") as pool:
+            score_fn = _threaded_score(scorer, pool, workers)
+            for chunk in _prefetch(source.chunks()):
+                result = score_chunk(
+                    chunk.frame, scorer, model_version, row_numbers=chunk.rows, score_fn=score_fn
+                )
+                chunk_rejects = result.rejects
+                if chunk.parse_rejects:
+                    parse = pd.DataFrame(chunk.parse_rejects, columns=list(REJECT_COLUMNS))
+                    chunk_rejects = pd.concat([parse, chunk_rejects], ignore_index=True).sort_values(
+                        "row", kind="stable"
+                    )
+                if strict and len(chunk_rejects):
+                    first = chunk_rejects.iloc[0]
+                    row = int(first["row"])
+                    raise DataValidationError(
+                        [
+                            Problem(
+                                f"{first['reason']} (strict mode stops at the first bad row)",
+                                row if row > 0 else None,
+                            )
+                        ],
+                        source=str(input),
+                    )
+                writer.write(result.output)
+                if rejects_writer is not None:
+                    rejects_writer.write(chunk_rejects)
+                scored += result.output.num_rows
+                rejected += len(chunk_rejects)
+                counts.update(_value_counts(result.output.column(SEGMENT_COLUMN)))
+                if on_progress is not None:
+                    on_progress(
+                        BatchProgress(scored + rejected, rejected, source.fraction(scored + rejected))
+                    )
+        writer.commit()
+        if rejects_writer is not None:
+            rejects_writer.commit()
+    except BaseException:
+        writer.discard()
+        if rejects_writer is not None:
+            rejects_writer.discard()
+        raise
+    seconds = time.perf_counter() - started
+    summary = BatchSummary(
+        input=str(input),
+        output=str(output),
+        rejects=str(rejects_path) if rejects_path is not None else None,
+        model_version=model_version,
+        rows_scored=scored,
+        rows_rejected=rejected,
+        segment_counts={c: counts.get(c, 0) for c in scorer.classes},
+        seconds=seconds,
+    )
+    logger.info(
+        "scored %s rows (%s rejected) from %s in %.1fs", f"{scored:,}", f"{rejected:,}", input, seconds
+    )
+    return summary
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    counted = pc.value_counts(column)
+    return {
+        str(v): int(c)
+        for v, c in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist(), strict=True)
+    }
