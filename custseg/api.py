@@ -54,6 +54,7 @@ from custseg.errors import (
     Problem,
 )
 from custseg.predict import Scorer, Scores
+from custseg.predlog import PredictionLogError, UnknownFeedbackError
 from custseg.registry import ModelRef, load_scorer, resolve
 from custseg.settings import Settings
 
@@ -77,11 +78,13 @@ OPEN_PATHS = frozenset(
 )
 """Paths served without an API key: liveness, readiness and the (secret-free) API description."""
 
-KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score"})
+KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score", "/feedback"})
 RID_HEADER = b"x-request-id"
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
 _METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+MAX_FEEDBACK_RECORDS = 10_000
+"""Most feedback records one POST /feedback may carry."""
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # -- request and response models (generated from the schema) ---------------------------------------
@@ -183,6 +186,14 @@ class ErrorResponse(BaseModel):
     message: str
     request_id: str
     errors: list[ErrorItem] = Field(default_factory=list)
+
+
+class FeedbackResponse(BaseModel):
+    written: int = Field(description="Feedback records stored now.")
+    duplicates: list[str] = Field(
+        description="Keys already recorded earlier (or twice in this body): not written."
+    )
+    message: str
 
 
 class Liveness(BaseModel):
@@ -381,6 +392,61 @@ def parse_records(body: bytes, max_rows: int) -> tuple[list[Any], bool]:
         raise DataValidationError(_problems(exc, single), source="request") from None
 
 
+def parse_feedback(body: bytes) -> list[dict[str, Any]]:
+    """Feedback records from a JSON body (one object or a list); fields are checked by the log."""
+    try:
+        data = orjson.loads(body) if body.strip() else None
+    except orjson.JSONDecodeError:
+        raise DataError("request body is not valid JSON") from None
+    items = [data] if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise DataValidationError(
+            [
+                Problem(
+                    'expected {"request_id" or "customer_id", "customer_segment"} or a non-empty list of them'
+                )
+            ],
+            source="feedback",
+        )
+    if len(items) > MAX_FEEDBACK_RECORDS:
+        raise InputTooLargeError(
+            f"{len(items)} feedback records in one request; the limit is {MAX_FEEDBACK_RECORDS}"
+        )
+    problems = [
+        Problem("expected a JSON object", row=i)
+        for i, item in enumerate(items, 1)
+        if not isinstance(item, dict)
+    ]
+    if problems:
+        raise DataValidationError(problems, source="feedback")
+    return items
+
+
+def _feedback_body_spec() -> dict[str, Any]:
+    one = {
+        "type": "object",
+        "properties": {
+            "request_id": {"type": "string", "description": "request_id of the answered prediction"},
+            "row_index": {"type": "integer", "description": "0-based position in that request's batch"},
+            "customer_id": {"type": "string", "description": "instead of request_id: the customer's id"},
+            "customer_segment": {"type": "string", "enum": list(schema.LABELS)},
+        },
+        "required": ["customer_segment"],
+    }
+    example = {"request_id": "5f0c6d0e9a8b4c3d", "customer_segment": "high_value"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                _JSON: {
+                    "schema": {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]},
+                    "examples": {"one": {"summary": "One true segment", "value": example}},
+                }
+            },
+        }
+    }
+
+
 def _lenient_json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -435,6 +501,13 @@ def error_response(exc: BaseException, request_id: str) -> tuple[int, dict[str, 
         status, code, message = 401, "unauthorized", str(exc)
     elif isinstance(exc, ModelNotFoundError | ModelLoadError):
         status, code, message = 503, "no_model", "no model is loaded yet; try again shortly"
+    elif isinstance(exc, UnknownFeedbackError):
+        status, code, message = 404, "unknown_ids", str(exc)
+        errors = [
+            {"field": None, "row": None, "reason": f"no logged prediction for {u}"} for u in exc.unknown
+        ]
+    elif isinstance(exc, PredictionLogError):
+        status, code, message = 503, "prediction_log_unavailable", str(exc)
     elif isinstance(exc, StarletteHTTPException):
         status = exc.status_code
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
@@ -635,6 +708,8 @@ def create_app(
     holder = ModelHolder(settings, model_uri, metrics)
     plog: PredictionLog | None = prediction_log  # type: ignore[assignment]
     max_rows = settings.max_batch_rows
+    if plog is not None and hasattr(plog, "register_metrics"):
+        plog.register_metrics(metrics.registry)  # log counters and live drift gauges on /metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -730,6 +805,36 @@ def create_app(
             operation_id="score" if path == "/score" else "predict",
             tags=["scoring"],
         )
+
+    @app.post(
+        "/feedback",
+        response_model=FeedbackResponse,
+        responses={k: _ERRORS[k] for k in (400, 401, 413, 422)}
+        | {404: {"model": ErrorResponse, "description": "Ids with no logged prediction; nothing written."}},
+        openapi_extra=_feedback_body_spec(),
+        tags=["monitoring"],
+        summary="Record true segments learned later",
+    )
+    async def feedback(request: Request) -> Response:
+        """Record the true segment of earlier predictions, by ``request_id`` (+ ``row_index`` in a batch)
+        or by ``customer_id``. All ids must be in the prediction log or nothing is written; feedback
+        already recorded is listed in ``duplicates`` and not written again."""
+        record_feedback = getattr(plog, "record_feedback", None)
+        if record_feedback is None:
+            raise PredictionLogError(
+                "the prediction log is disabled on this server (CUSTSEG_PREDICTION_LOG_ENABLED)"
+            )
+        records = parse_feedback(await request.body())
+        result = await asyncio.to_thread(record_feedback, records)
+        body = {
+            "written": result.written,
+            "duplicates": result.duplicates,
+            "message": f"recorded {result.written} true segment(s)"
+            + (
+                f"; {len(result.duplicates)} already recorded, not written again" if result.duplicates else ""
+            ),
+        }
+        return Response(orjson.dumps(body), media_type=_JSON)
 
     @app.get("/", response_model=Liveness, tags=["health"], summary="Prototype liveness check")
     async def root() -> Response:
@@ -924,7 +1029,8 @@ def app_from_environment() -> FastAPI:
     import os
 
     configure_logging(os.environ.get("CUSTSEG_LOG_LEVEL", "info"))
-    return create_app(Settings())
+    settings = Settings()
+    return create_app(settings, prediction_log=default_prediction_log(settings))
 
 
 def run_server(
@@ -960,4 +1066,14 @@ def run_server(
         os.environ["CUSTSEG_LOG_LEVEL"] = log_level
         uvicorn.run("custseg.api:app_from_environment", factory=True, workers=workers, **common)
     else:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings, prediction_log=default_prediction_log(settings)), **common)
+
+
+def default_prediction_log(settings: Settings) -> Any:
+    """What ``custseg serve`` logs to: the prediction log (SQLite under CUSTSEG_HOME, or
+    CUSTSEG_PREDICTION_LOG_URL) with live drift gauges; None when CUSTSEG_PREDICTION_LOG_ENABLED=false."""
+    if not settings.prediction_log_enabled:
+        return None
+    from custseg.monitor import monitored_prediction_log
+
+    return monitored_prediction_log(settings)

@@ -481,6 +481,12 @@ class PredictionLog:
             query = query.where(p.c.ts < until)
         if model_version is not None:
             query = query.where(p.c.model_version == str(model_version))
+        if labelled_only:
+            query = query.where(
+                sa.or_(
+                    by_request.c.customer_segment.is_not(None), by_customer.c.customer_segment.is_not(None)
+                )
+            )
         query = query.order_by(p.c.ts, p.c.id)
         if limit is not None:
             query = query.limit(limit)
@@ -509,6 +515,9 @@ class PredictionLog:
 
 
 def _typed_window(frame: pd.DataFrame) -> pd.DataFrame:
+    for name in [f"{PROBA_PREFIX}{label}" for label in schema.LABELS] + ["latency_ms", "ts"]:
+        if name in frame:
+            frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
     for f in schema.FEATURES:
         if f.name in frame and len(frame):
             frame[f.name] = frame[f.name].astype("str" if f.kind == "category" else "float64")
