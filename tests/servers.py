@@ -1,0 +1,58 @@
+"""Helpers for tests that start a real server process: a free loopback port and a readiness wait."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    *,
+    timeout: float = 90.0,
+    ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+) -> None:
+    """Poll ``url`` until ``ready``; fail with the server's log if it exits or never gets ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{_tail(log)}")
+        try:
+            if ready(httpx.get(url, timeout=2.0)):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"server not ready at {url} after {timeout:.0f} s:\n{_tail(log)}")
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
