@@ -8,7 +8,7 @@ wrong and how to fix it. ``validate_frame`` checks a frame against :mod:`custseg
 *every* problem at once in one :class:`~custseg.errors.DataValidationError` (problems of one kind in one
 column are aggregated: a count, the first row numbers and a few example values). ``row_problems`` gives
 the same checks per row (for batch scoring, which sends bad rows to a rejects file); both use the one
-set of rules in ``_check_feature``.
+set of rules in ``check_feature``.
 
 The generator
 -------------
@@ -68,6 +68,9 @@ __all__ = [
     "CSV_EXTENSIONS",
     "PARQUET_EXTENSIONS",
     "Drift",
+    "check_feature",
+    "check_ids",
+    "check_labels",
     "drift_from_options",
     "generate",
     "generate_file",
@@ -248,10 +251,28 @@ def _check_category(series: pd.Series, feature: Feature) -> _Checked:
     return _Checked(values, [_Issue("is empty", null, expected), _Issue("is not allowed", unknown, expected)])
 
 
-def _check_feature(series: pd.Series, feature: Feature) -> _Checked:
+def check_feature(series: pd.Series, feature: Feature) -> _Checked:
+    """The per-feature rules (type, empty, integer, domain, category) behind every check of a column."""
     if feature.is_numeric:
         return _check_numeric(series, feature)
     return _check_category(series, feature)
+
+
+def check_ids(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """(ids trimmed, "" where empty; mask of empty ids): the id rule training applies.
+
+    Uniqueness is checked over the whole file by the caller (``validate_frame``; ``custseg inspect``
+    across chunks); empty ids are never counted as duplicates of each other.
+    """
+    stripped, null = _text(series)
+    return stripped.fillna(""), null
+
+
+def check_labels(series: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """(labels trimmed; mask of empty labels; mask of labels outside ``LABELS``): the label rule."""
+    labels, null = _text(series)
+    unknown = ~null & ~labels.isin(LABELS).to_numpy(dtype=bool)
+    return labels, null, unknown
 
 
 def missing_columns(df: pd.DataFrame, require_label: bool = True, require_id: bool = True) -> list[str]:
@@ -282,7 +303,7 @@ def row_problems(df: pd.DataFrame) -> pd.Series:
     reasons = np.full(len(df), "", dtype=object)
     for feature in FEATURES:
         series = df[feature.name]
-        checked = _check_feature(series, feature)
+        checked = check_feature(series, feature)
         raw = None
         for issue in checked.issues:
             idx = np.flatnonzero(issue.mask)
@@ -363,8 +384,7 @@ def validate_frame(
     has_label = LABEL_COLUMN in df.columns
 
     if has_id:
-        stripped, null = _text(df[ID_COLUMN])
-        ids = stripped.fillna("")
+        ids, null = check_ids(df[ID_COLUMN])
         problem = _aggregate(ID_COLUMN, "empty", null, None, "give every customer an id")
         if problem:
             problems.append(problem)
@@ -379,7 +399,7 @@ def validate_frame(
         if feature.name not in df.columns:
             continue
         series = df[feature.name]
-        checked = _check_feature(series, feature)
+        checked = check_feature(series, feature)
         raw = None
         for issue in checked.issues:
             if not issue.mask.any():
@@ -395,8 +415,7 @@ def validate_frame(
         clean[feature.name] = checked.values
 
     if has_label:
-        labels, null = _text(df[LABEL_COLUMN])
-        unknown = ~null & ~labels.isin(LABELS).to_numpy(dtype=bool)
+        labels, null, unknown = check_labels(df[LABEL_COLUMN])
         raw = df[LABEL_COLUMN].to_numpy(dtype=object) if unknown.any() else None
         problem = _aggregate(LABEL_COLUMN, "empty", null, None, "every row needs a label for training")
         if problem:

@@ -37,7 +37,9 @@ from custseg import schema
 from custseg.data import (
     CSV_EXTENSIONS,
     PARQUET_EXTENSIONS,
-    _check_feature,  # the one set of per-column rules (also behind row_problems / validate_frame)
+    check_feature,
+    check_ids,
+    check_labels,
     load_table,
     missing_columns,
     unknown_columns,
@@ -300,7 +302,7 @@ class ProfileBuilder:
         self._numeric: dict[str, _Numeric] = {f.name: _Numeric() for f in schema.FEATURES}
         self._categories: dict[str, dict[str, int]] = {f.name: {} for f in schema.FEATURES}
         self._not_numeric: set[str] = set()
-        self._not_integer: set[str] = set()
+        self._fractional: set[str] = set()  # numeric columns pandas would read as float64
         self._labels: dict[str, int] = {}
         self._bad_rows = 0
         self._row_hashes: list[np.ndarray] = []
@@ -335,7 +337,7 @@ class ProfileBuilder:
             if feature.name not in chunk.columns:
                 continue
             series = chunk[feature.name]
-            checked = _check_feature(series, feature)
+            checked = check_feature(series, feature)
             for issue in checked.issues:
                 if not issue.mask.any():
                     continue
@@ -346,13 +348,19 @@ class ProfileBuilder:
                 if issue.kind == "is not a number":
                     self._not_numeric.add(feature.name)
                 elif issue.kind == "is not an integer":
-                    self._not_integer.add(feature.name)
+                    self._fractional.add(feature.name)
                 elif issue.kind == "is out of domain":
                     outside = pd.to_numeric(series[issue.mask], errors="coerce")
-                    self._numeric[feature.name].extend(outside.to_numpy(dtype="float64", na_value=np.nan))
+                    outside = outside.to_numpy(dtype="float64", na_value=np.nan)
+                    self._numeric[feature.name].extend(outside)
+                    if _has_fraction(outside):
+                        self._fractional.add(feature.name)
             values = checked.values
             if feature.is_numeric:
-                self._numeric[feature.name].add(values[~np.isnan(values)])
+                valid = values[~np.isnan(values)]
+                self._numeric[feature.name].add(valid)
+                if self.text_columns and feature.name not in self._fractional and _has_fraction(valid):
+                    self._fractional.add(feature.name)
             else:
                 counts = pd.Series(values).value_counts()
                 bucket = self._categories[feature.name]
@@ -363,9 +371,7 @@ class ProfileBuilder:
         labels = None
         if schema.LABEL_COLUMN in chunk.columns:
             raw = chunk[schema.LABEL_COLUMN]
-            text = raw.astype("str").str.strip()
-            empty = (raw.isna() | (text == "")).to_numpy(dtype=bool)
-            unknown = ~empty & ~text.isin(schema.LABELS).to_numpy(dtype=bool)
+            text, empty, unknown = check_labels(raw)
             for kind, mask, examples in (("empty label", empty, None), ("unknown label", unknown, raw)):
                 if mask.any():
                     self._issues.setdefault((schema.LABEL_COLUMN, kind), _Issues()).add(
@@ -377,8 +383,7 @@ class ProfileBuilder:
             labels = text.to_numpy(dtype=object)
 
         if schema.ID_COLUMN in chunk.columns:
-            ids = chunk[schema.ID_COLUMN].astype("str").str.strip()
-            empty = (chunk[schema.ID_COLUMN].isna() | (ids == "")).to_numpy(dtype=bool)
+            ids, empty = check_ids(chunk[schema.ID_COLUMN])
             if empty.any():
                 self._issues.setdefault((schema.ID_COLUMN, "empty id"), _Issues()).add(empty, offset, None)
             bad |= empty
@@ -418,7 +423,7 @@ class ProfileBuilder:
         missing = missing_columns(header, require_label=False)
         unknown = unknown_columns(header)
         findings: list[Finding] = [
-            Finding(column, "required column missing", 0, expected="add it to the header")
+            Finding(column, "required column missing", 0, expected="a header column of this name")
             for column in missing
         ]
         findings += [
@@ -434,6 +439,9 @@ class ProfileBuilder:
         findings += dup_findings
         features = self._feature_stats()
         balance = self._balance() if schema.LABEL_COLUMN in columns else None
+        if balance is not None and balance.trainable and findings:
+            # Every finding is a reason training's validation refuses the file as it is.
+            balance.verdict += "; but training refuses the file until the problems above are fixed"
         sample = self._sample if self._sample is not None else pd.DataFrame()
         return DataProfile(
             source=self.source,
@@ -470,7 +478,7 @@ class ProfileBuilder:
                 feature = schema.FEATURES_BY_NAME.get(name)
                 if feature is not None and feature.is_numeric and name not in self._not_numeric:
                     nulls = self._non_null[name] < self._rows
-                    dtype = "float64" if nulls or name in self._not_integer else "int64"
+                    dtype = "float64" if nulls or name in self._fractional else "int64"
                     memory = 8 * self._rows
             infos.append(ColumnInfo(position, name, role, dtype, self._non_null[name], memory))
         return infos
@@ -559,6 +567,12 @@ class ProfileBuilder:
         empty = self._issues.get((schema.LABEL_COLUMN, "empty label"), _Issues()).count
         unknown = self._issues.get((schema.LABEL_COLUMN, "unknown label"), _Issues()).count
         return class_balance(counts, cv_folds=self.cv_folds, empty=empty, unknown=unknown)
+
+
+def _has_fraction(values: np.ndarray) -> bool:
+    """True when pandas would infer float64 for these numbers (a fraction, inf or NaN among them)."""
+    with np.errstate(invalid="ignore"):
+        return bool(((values != np.floor(values)) | ~np.isfinite(values)).any())
 
 
 def _first_occurrence(hashes: np.ndarray) -> np.ndarray:
