@@ -38,7 +38,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from custseg import schema
@@ -116,17 +124,23 @@ def _field_type(feature: schema.Feature) -> Any:
             ),
             AfterValidator(_gender),
         ]
-    python_type = int if feature.kind == "int" else float
-    return Annotated[
-        python_type,
-        Field(
-            strict=True,
-            ge=feature.minimum,
-            le=feature.maximum if feature.maximum is not None else NUMBER_CAP,
-            description=f"{feature.description} {feature.domain_text()}.",
-            examples=[feature.example],
-        ),
-    ]
+    number = Field(
+        strict=True,
+        ge=feature.minimum,
+        le=feature.maximum if feature.maximum is not None else NUMBER_CAP,
+        description=f"{feature.description} {feature.domain_text()}.",
+        examples=[feature.example],
+    )
+    if feature.kind == "int":
+        return Annotated[int, BeforeValidator(_whole_number), number]
+    return Annotated[float, number]
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON has one number type: 56.0 is the integer 56 (JSON Schema agrees); 56.5 and "56" stay errors.
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
 
 
 def _record_model() -> type[BaseModel]:
