@@ -918,6 +918,11 @@ def render_html(data: DataProfile) -> str:
             "<h2>Correlations</h2>",
             f"<img alt='correlations' src='data:image/png;base64,{_png(correlation_figure(data.sample))}'>",
         ]
+    else:
+        parts.append(
+            "<p>No distributions or correlations: they need the label and every feature column, and at "
+            "least one valid row.</p>"
+        )
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
