@@ -325,7 +325,7 @@ def apply_quality_gate(
             name, version, "custseg.champion_macro_f1_same_holdout", f"{champion_score:.6f}"
         )
     return GateDecision(
-        version, alias, new_score, champion.version if champion else None, champion_score, reason
+        version, alias, new_score, str(champion.version) if champion else None, champion_score, reason
     )
 
 
@@ -346,7 +346,7 @@ def promote(settings: Settings, version: str) -> tuple[ModelRef, str | None]:
     if CHALLENGER in target.aliases:
         client.delete_registered_model_alias(settings.model_name, CHALLENGER)
     client.set_model_version_tag(settings.model_name, target.version, "custseg.promoted_at", _now())
-    return get_version(client, settings.model_name, target.version), previous.version if previous else None
+    return get_version(client, settings.model_name, target.version), str(previous.version) if previous else None
 
 
 def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -372,7 +372,8 @@ def list_versions(settings: Settings) -> list[ModelRef]:
         versions = client.search_model_versions(f"name='{settings.model_name}'")
     except MlflowException:
         return []
-    refs = [_to_ref(client, mv) for mv in versions]
+    # search results carry no aliases on every store; the registered model's alias map does
+    refs = [_to_ref(client, client.get_model_version(mv.name, str(mv.version))) for mv in versions]
     return sorted(refs, key=lambda r: int(r.version), reverse=True)
 
 
