@@ -346,7 +346,9 @@ def promote(settings: Settings, version: str) -> tuple[ModelRef, str | None]:
     if CHALLENGER in target.aliases:
         client.delete_registered_model_alias(settings.model_name, CHALLENGER)
     client.set_model_version_tag(settings.model_name, target.version, "custseg.promoted_at", _now())
-    return get_version(client, settings.model_name, target.version), str(previous.version) if previous else None
+    return get_version(client, settings.model_name, target.version), str(
+        previous.version
+    ) if previous else None
 
 
 def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:

@@ -105,8 +105,14 @@ def test_run_records_params_metrics_tags_and_artifacts(custseg_home: Path) -> No
     assert run.data.tags["custseg.rows"] == "2000"
     assert len(run.data.tags["custseg.data_digest"]) == 16
     assert run.data.tags["custseg.code_version"].startswith("0.1.0")
-    for key in ("holdout_macro_f1", "holdout_balanced_accuracy", "holdout_recall_low_value",
-                "prototype_holdout_macro_f1", "cv_macro_f1_mean", "onnx_parity_generated_label_mismatches"):
+    for key in (
+        "holdout_macro_f1",
+        "holdout_balanced_accuracy",
+        "holdout_recall_low_value",
+        "prototype_holdout_macro_f1",
+        "cv_macro_f1_mean",
+        "onnx_parity_generated_label_mismatches",
+    ):
         assert key in run.data.metrics, key  # fmt: skip
     assert run.data.metrics["onnx_parity_generated_label_mismatches"] == 0
     artifacts = {a.path for folder in ("plots", "evaluation", "reference")
@@ -187,7 +193,9 @@ def test_cli_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) ->
         f"print(json.dumps(list(m.predict(pd.DataFrame([{schema.EXAMPLE_RECORD!r}]).astype("
         "{'total_spent': float, 'avg_purchase_value': float, 'online_activity_score': float})))))"
     )
-    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert json.loads(loaded.stdout.strip().splitlines()[-1]) == ["medium_value"]
 

@@ -24,7 +24,7 @@ def other_rule(frame: pd.DataFrame) -> np.ndarray:
 def test_single_class_is_refused_with_a_fix() -> None:
     frame = generate(200, seed=1)
     frame[schema.LABEL_COLUMN] = "medium_value"
-    with pytest.raises(TrainingError, match="single class .*Add labelled rows"):
+    with pytest.raises(TrainingError, match=r"single class .*Add labelled rows"):
         check_trainable(frame, 5)
 
 
@@ -58,7 +58,9 @@ def test_same_data_same_model() -> None:
     frame = generate(1500, seed=5)
     first = train(frame, candidates=fast_candidates())
     second = train(frame, candidates=fast_candidates())
-    pd.testing.assert_frame_equal(first.cv_table, second.cv_table.assign(fit_seconds=first.cv_table.fit_seconds))
+    pd.testing.assert_frame_equal(
+        first.cv_table, second.cv_table.assign(fit_seconds=first.cv_table.fit_seconds)
+    )
     probe = generate(2000, seed=99)[list(schema.FEATURE_NAMES)]
     np.testing.assert_array_equal(first.pipeline.predict_proba(probe), second.pipeline.predict_proba(probe))
 
@@ -71,7 +73,10 @@ def test_selects_the_best_cross_validated_macro_f1() -> None:
     assert list(result.cv_table["rank"]) == list(range(1, len(result.cv_table) + 1))
     # the split is stratified 80/20 and holdout metrics describe the test part only
     assert len(result.test_frame) == 300
-    assert result.holdout.metrics["support_low_value"] == (result.test_frame[schema.LABEL_COLUMN] == "low_value").sum()
+    assert (
+        result.holdout.metrics["support_low_value"]
+        == (result.test_frame[schema.LABEL_COLUMN] == "low_value").sum()
+    )
 
 
 def test_evaluate_reports_per_class_and_confusion() -> None:
@@ -100,7 +105,9 @@ def test_beats_the_prototype_recipe_on_an_unseen_labelling_rule() -> None:
         ours.append(evaluate(big_truth, result.pipeline.predict(features)).macro_f1)
         prototype = next(c for c in default_candidates(42) if c.name == PROTOTYPE)
         x_train = result.train_frame[list(schema.FEATURE_NAMES)]
-        proto_model = build_pipeline(prototype.estimator).fit(x_train, result.train_frame[schema.LABEL_COLUMN])
+        proto_model = build_pipeline(prototype.estimator).fit(
+            x_train, result.train_frame[schema.LABEL_COLUMN]
+        )
         proto.append(evaluate(big_truth, proto_model.predict(features)).macro_f1)
     assert np.mean(ours) >= 0.93, (ours, proto)
     assert np.mean(ours) - np.mean(proto) >= 0.15, (ours, proto)
