@@ -3,14 +3,20 @@
 ``mlflow.pyfunc.load_model("models:/customer-segments@champion").predict(df)`` takes the ten raw
 columns (gender as text, any case) and returns segment labels. Pass ``params={"output": "probabilities"}``
 for a frame with the label and one probability column per segment. Loading needs custseg installed.
+Invalid input raises MLflow's INVALID_PARAMETER_VALUE error naming each row and column, so
+``mlflow models serve`` answers 400 with that message (and no stack trace).
 """
 
 from __future__ import annotations
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
+from custseg import schema
+from custseg.data import validate_frame
+from custseg.errors import DataValidationError
 from custseg.predict import Scorer
 
 
@@ -25,7 +31,12 @@ class CustomerSegmentModel(PythonModel):
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         # No type hints here: MLflow would try to derive a second signature from them.
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        scores = self.scorer.score_frame(frame)
+        features = [c for c in frame.columns if c in schema.FEATURES_BY_NAME]
+        try:
+            clean = validate_frame(frame[features], require_label=False, require_id=False, source="input")
+        except DataValidationError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
+        scores = self.scorer.score_frame(clean)
         if (params or {}).get("output") == "probabilities":
             out = pd.DataFrame(scores.probabilities, columns=[f"proba_{c}" for c in scores.classes])
             out.insert(0, "prediction", scores.labels)

@@ -74,7 +74,14 @@ def normalize_gender(value: str) -> str | None:
     return None
 
 
-def mlflow_signature_schema() -> list[tuple[str, str]]:
-    """(column, MLflow type) pairs for the model signature."""
-    mapping = {"int": "long", "float": "double", "category": "string"}
+def mlflow_signature_schema() -> list[tuple[str, object]]:
+    """(column, MLflow type) pairs for the model signature.
+
+    Float features are declared ``Any``: MLflow refuses to convert an int64 column to double, so a frame
+    of whole numbers (the prototype's own record, ``total_spent: 49624``) would be rejected before the
+    model sees it. The model validates every column itself against this schema instead.
+    """
+    from mlflow.types.schema import AnyType
+
+    mapping: dict[str, object] = {"int": "long", "float": AnyType(), "category": "string"}
     return [(f.name, mapping[f.kind]) for f in FEATURES]

@@ -10,6 +10,13 @@ from pathlib import Path
 
 import httpx
 
+PROTOTYPE_BODY = (
+    '{"age": 56, "gender": "Male", "annual_income": 65648, "total_spent": 49624, "num_purchases": 17, '
+    '"avg_purchase_value": 467, "online_activity_score": 52, "loyalty_program": 0, '
+    '"days_since_last_purchase": 235, "num_site_visits": 61}'
+)
+"""Byte for byte the body the prototype's clients send (DESIGN.md); it was answered medium_value."""
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now (the OS picks it)."""

@@ -21,17 +21,10 @@ from custseg.data import generate
 from custseg.errors import ModelLoadError, ModelNotFoundError
 
 from .conftest import REPO, TrainedHome
-from .servers import free_port, stop, wait_for_http
+from .servers import PROTOTYPE_BODY, free_port, stop, wait_for_http
 
 SCORE_SCRIPT = REPO / "deploy" / "azureml" / "score.py"
 AZMLINFSRV = Path(sys.executable).parent / "azmlinfsrv"
-
-PROTOTYPE_BODY = (
-    '{"age": 56, "gender": "Male", "annual_income": 65648, "total_spent": 49624, "num_purchases": 17, '
-    '"avg_purchase_value": 467, "online_activity_score": 52, "loyalty_program": 0, '
-    '"days_since_last_purchase": 235, "num_site_visits": 61}'
-)
-"""Byte for byte the body the prototype's clients send (DESIGN.md); it was answered medium_value."""
 
 MAX_ROWS = 20
 
