@@ -164,21 +164,27 @@ def score_chunk(
     except DataValidationError:
         reasons = row_problems(features).to_numpy(dtype=object)
         typed = None
-    empty_id = np.asarray([not i.strip() for i in ids], dtype=bool)
+    empty_id = np.asarray(ids == "", dtype=bool)  # _ids has trimmed them
     if empty_id.any():
         reasons = reasons.copy()
         for i in np.flatnonzero(empty_id):
             reasons[i] = f"{ID_COLUMN} is empty" + (f"; {reasons[i]}" if reasons[i] else "")
     bad = reasons != ""
-    if bad.any():
+    if bad.any() or typed is None:
         good = ~bad
-        typed = validate_frame(
-            features.loc[good].reset_index(drop=True), require_label=False, require_id=False, source="chunk"
-        )
+        if good.any():
+            # Raises (a real error, not a rejected row) only if the two rule paths ever disagree.
+            typed = validate_frame(
+                features.loc[good].reset_index(drop=True),
+                require_label=False,
+                require_id=False,
+                source="chunk",
+            )
+        else:
+            typed = features.iloc[0:0]
         ids_ok = ids[good]
     else:
         ids_ok = ids
-    assert typed is not None
     score = score_fn or scorer.score_columns
     scores = (
         score(to_columns(typed))
@@ -296,7 +302,12 @@ class _Source:
     def _csv_header(self) -> list[str]:
         try:
             with pa.OSFile(str(self.path)) as f:
-                reader = pa_csv.open_csv(f, read_options=pa_csv.ReadOptions(block_size=1 << 20))
+                # Malformed records are the chunk reader's business (rejects), not the header's.
+                reader = pa_csv.open_csv(
+                    f,
+                    read_options=pa_csv.ReadOptions(block_size=1 << 20),
+                    parse_options=pa_csv.ParseOptions(invalid_row_handler=lambda row: "skip"),
+                )
                 names = list(reader.schema.names)
                 reader.close()
         except Exception as exc:
