@@ -36,6 +36,9 @@ def _configure(
 ) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    # MLflow attributes these to the caller's module, so the module filter above misses them.
+    for message in ("Add type hints to the `predict`", "The specified dataset source", "Hint: Inferred"):
+        warnings.filterwarnings("ignore", message=f".*{message}", category=UserWarning)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -168,15 +171,17 @@ def models() -> None:
         console.print(f"no versions of {settings.model_name} yet: run `custseg train --data PATH`")
         return
     table = Table(title=f"{settings.model_name} @ {settings.effective_tracking_uri}")
-    for column in ("version", "aliases", "created", "model", "macro-F1", "bal. acc.", "recall low", "gate"):
-        table.add_column(column)
+    for column in ("version", "aliases", "created", "model", "macro-F1", "bal. acc.", "recall low"):
+        # identifiers and figures never wrap or truncate, even in a narrow or piped terminal
+        table.add_column(column, no_wrap=column not in ("created", "model"), overflow="fold")
+    table.add_column("gate", overflow="fold", ratio=1)
     for ref in versions:
         m = ref.metrics
         table.add_row(
             ref.version,
             ", ".join(ref.aliases) or "-",
-            ref.created_at,
-            ref.tags.get("custseg.selected", _run_tag(ref, "custseg.selected")),
+            ref.created_at.replace("T", " ")[:16],
+            ref.tags.get("custseg.selected", "-"),
             _fmt(m.get("holdout_macro_f1")),
             _fmt(m.get("holdout_balanced_accuracy")),
             _fmt(m.get("holdout_recall_low_value")),
@@ -611,10 +616,6 @@ def _class_counts(frame: object) -> str:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _run_tag(ref: object, key: str) -> str:
-    return "-"
 
 
 def main() -> None:

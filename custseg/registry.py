@@ -162,6 +162,7 @@ def register_training(
             )
             run_id = run.info.run_id
     version = str(model_info.registered_model_version)
+    client.set_model_version_tag(settings.model_name, version, "custseg.selected", result.selected)
     decision = apply_quality_gate(client, settings, version, result)
     model = get_version(client, settings.model_name, version)
     return Registration(run_id, experiment_id, model, decision, bundle_meta)

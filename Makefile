@@ -1,0 +1,51 @@
+# The commands people type. `make run` and `make test` are the README's two commands.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= data/customers.csv
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup run train serve test lint format bench ui clean
+
+# Create .venv in the repository root and install custseg with every extra the tests use.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or run: make PYTHON=python3 ...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Set up, train on the bundled sample, register in MLflow (alias champion if it is the best so far), serve.
+run: setup train serve
+
+train: setup
+	$(BIN)/custseg train --data $(DATA)
+
+serve: setup
+	$(BIN)/custseg serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check custseg tests bench deploy
+	$(BIN)/ruff format --check custseg tests bench deploy
+	$(BIN)/mypy custseg
+
+format: setup
+	$(BIN)/ruff format custseg tests bench deploy
+	$(BIN)/ruff check --fix custseg tests bench deploy
+
+bench: setup
+	$(BIN)/python bench/bench_generate.py
+
+ui: setup
+	$(BIN)/custseg ui
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache custseg.egg-info
