@@ -1,0 +1,115 @@
+"""Helpers for the prediction-log, monitoring and retraining tests: real servers on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import uvicorn
+from fastapi import FastAPI
+
+from custseg import schema
+
+CUSTSEG = Path(sys.executable).with_name("custseg")
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """API request records (features and customer_id) from a generated frame."""
+    columns = [*schema.FEATURE_NAMES, schema.ID_COLUMN]
+    return [
+        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for row in frame[columns].to_dict(orient="records")
+    ]
+
+
+@contextmanager
+def app_server(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@contextmanager
+def custseg_serve(
+    env: dict[str, str], *args: str, log_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run ``custseg serve`` as a subprocess until it is ready; yields (process, base URL).
+
+    The process is terminated on exit if the test did not stop it."""
+    port = free_port()
+    full_env = {**os.environ, **env}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(CUSTSEG), "serve", "--port", str(port), *args],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process, log_path)
+            yield process, url
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"custseg serve exited {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"custseg serve not ready after {timeout}s:\n{log_path.read_text()}")
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float | None:
+    """A sample's value from Prometheus text (``labels`` like ``name="age"``), None when absent."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == wanted:
+            return float(value)
+    return None
