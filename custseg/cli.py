@@ -172,9 +172,8 @@ def models() -> None:
         return
     table = Table(title=f"{settings.model_name} @ {settings.effective_tracking_uri}")
     for column in ("version", "aliases", "created", "model", "macro-F1", "bal. acc.", "recall low"):
-        # identifiers and figures never wrap or truncate, even in a narrow or piped terminal
-        table.add_column(column, no_wrap=column not in ("created", "model"), overflow="fold")
-    table.add_column("gate", overflow="fold", ratio=1)
+        # identifiers and figures never wrap, even in a narrow or piped terminal
+        table.add_column(column, no_wrap=column != "created", overflow="fold")
     for ref in versions:
         m = ref.metrics
         table.add_row(
@@ -185,9 +184,11 @@ def models() -> None:
             _fmt(m.get("holdout_macro_f1")),
             _fmt(m.get("holdout_balanced_accuracy")),
             _fmt(m.get("holdout_recall_low_value")),
-            ref.tags.get("custseg.gate_reason", ""),
         )
     console.print(table)
+    for ref in versions:
+        if reason := ref.tags.get("custseg.gate_reason"):
+            console.print(f"v{ref.version} gate: {reason}", soft_wrap=True)
 
 
 @app.command()
