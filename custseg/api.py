@@ -132,7 +132,7 @@ def _field_type(feature: schema.Feature) -> Any:
         examples=[feature.example],
     )
     if feature.kind == "int":
-        return Annotated[int, BeforeValidator(_whole_number), number]
+        return Annotated[int, number, BeforeValidator(_whole_number)]
     return Annotated[float, number]
 
 
@@ -394,7 +394,11 @@ def parse_records(body: bytes, max_rows: int) -> tuple[list[Any], bool]:
         if not data:
             raise DataValidationError([Problem("the list of records is empty")], source="request")
         if len(data) > max_rows:
-            raise InputTooLargeError(f"{len(data)} records in one request; the limit is {max_rows}")
+            # 422, not 413: the document declares the cap as maxItems, so it is a schema violation
+            raise DataValidationError(
+                [Problem(f"{len(data)} records in one request; the limit is {max_rows} (maxItems)")],
+                source="request",
+            )
         items = data
     else:
         raise DataValidationError(
@@ -440,12 +444,22 @@ def _feedback_body_spec() -> dict[str, Any]:
     one = {
         "type": "object",
         "properties": {
-            "request_id": {"type": "string", "description": "request_id of the answered prediction"},
+            "request_id": {
+                "type": "string",
+                "pattern": r"\S",
+                "description": "request_id of the answered prediction",
+            },
             "row_index": {"type": "integer", "description": "0-based position in that request's batch"},
-            "customer_id": {"type": "string", "description": "instead of request_id: the customer's id"},
+            "customer_id": {
+                "type": "string",
+                "pattern": r"\S",
+                "description": "instead of request_id: the customer's id",
+            },
             "customer_segment": {"type": "string", "enum": list(schema.LABELS)},
         },
         "required": ["customer_segment"],
+        # one of the two ids, not blank: what the prediction log checks
+        "anyOf": [{"required": ["request_id"]}, {"required": ["customer_id"]}],
     }
     example = {"request_id": "5f0c6d0e9a8b4c3d", "customer_segment": "high_value"}
     return {
@@ -539,9 +553,13 @@ def error_response(exc: BaseException, request_id: str) -> tuple[int, dict[str, 
 
 def _json_error(exc: BaseException, request_id: str) -> Response:
     status, body = error_response(exc, request_id)
-    headers = {"connection": "close"} if status == 413 else None
-    if status == 401:
-        headers = {"www-authenticate": 'Bearer realm="custseg", charset="UTF-8"'}
+    headers: dict[str, str] = {}
+    if isinstance(exc, StarletteHTTPException) and exc.headers:
+        headers.update(exc.headers)  # e.g. the Allow header a 405 must carry
+    if status == 413:
+        headers["connection"] = "close"
+    elif status == 401:
+        headers["www-authenticate"] = 'Bearer realm="custseg", charset="UTF-8"'
     return Response(orjson.dumps(body), status_code=status, media_type=_JSON, headers=headers)
 
 
@@ -678,8 +696,11 @@ async def _send_error(send: Send, exc: BaseException, request_id: str) -> None:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body is not JSON."},
     401: {"model": ErrorResponse, "description": "API keys are configured and none valid was given."},
-    413: {"model": ErrorResponse, "description": "Body or batch larger than the configured limits."},
-    422: {"model": ErrorResponse, "description": "Invalid records: every problem with its field and row."},
+    413: {"model": ErrorResponse, "description": "Body larger than the configured limit."},
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid records (or too many): every problem with its field and row.",
+    },
     503: {"model": ErrorResponse, "description": "No model is loaded yet."},
 }
 

@@ -14,6 +14,8 @@ loss) the rows not yet written are lost: at most about ``flush_seconds`` of traf
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -145,8 +147,15 @@ def feedback_rows(records: Sequence[Mapping[str, Any]], now: float) -> list[dict
         if request_id is None and customer_id is None:
             problems.append(Problem("needs a request_id or a customer_id", i))
             continue
+        row_index = _whole_number(record.get("row_index"))
+        if row_index is None:  # a list, text or fraction here is the client's error, not a server error
+            problems.append(Problem(f"{record.get('row_index')!r} is not a whole number", i, "row_index"))
+            continue
+        ts = _timestamp(record.get("ts"), now)
+        if ts is None:
+            problems.append(Problem(f"{record.get('ts')!r} is not a Unix timestamp", i, "ts"))
+            continue
         if request_id is not None:
-            row_index = int(record.get("row_index") or 0)
             key = f"request:{request_id}:{row_index}"
             rows.append(
                 {"feedback_key": key, "request_id": request_id, "row_index": row_index, "customer_id": None}
@@ -156,10 +165,40 @@ def feedback_rows(records: Sequence[Mapping[str, Any]], now: float) -> list[dict
             rows.append(
                 {"feedback_key": key, "request_id": None, "row_index": None, "customer_id": customer_id}
             )
-        rows[-1].update({"customer_segment": segment, "ts": float(record.get("ts") or now)})
+        rows[-1].update({"customer_segment": segment, "ts": ts})
     if problems:
         raise DataValidationError(problems, source="feedback")
     return rows
+
+
+def _whole_number(value: Any) -> int | None:
+    """row_index as an int (missing is 0), or None when it is not a whole number."""
+    if value is None or (isinstance(value, float) and value != value):
+        return 0
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _timestamp(value: Any, now: float) -> float | None:
+    """ts as a finite float (missing is ``now``), or None when it is not a number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return now
+    if isinstance(value, float) and value != value:
+        return now
+    if isinstance(value, bool):
+        return None
+    try:
+        ts = float(value)
+    except (TypeError, ValueError):
+        return None
+    return ts if math.isfinite(ts) else None
 
 
 def _blank_to_none(value: Any) -> str | None:

@@ -1,0 +1,71 @@
+"""Property-based fuzzing of the API from its own OpenAPI document (schemathesis).
+
+Every operation gets generated requests, valid and invalid (schemathesis' positive and negative modes);
+each response must not be a 5xx and must match the status codes, content types and JSON schemas the
+document declares. The app runs in-process on the session's trained champion with a real (SQLite)
+prediction log, so /feedback answers too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.python.asgi import ASGIClient, shutdown_lifespans
+
+from custseg.api import create_app, default_prediction_log
+from custseg.settings import Settings
+
+from .conftest import TrainedHome
+
+MAX_EXAMPLES = 60
+"""Per operation and generation phase; the whole file runs in well under a minute."""
+
+BATCH_ROWS = 25
+
+
+def _settings(home: Path, log_dir: Path) -> Settings:
+    return Settings(
+        home=home,
+        model_poll_seconds=0,
+        monitor_refresh_seconds=0,
+        max_batch_rows=BATCH_ROWS,
+        prediction_log_url=f"sqlite:///{log_dir / 'predictions.db'}",
+    )
+
+
+# The document does not depend on the model: build it from an app that never starts, at collection time
+# (schemathesis' fixture-based loader does not work with this pytest), and send the requests to the
+# real app started in the fixture below.
+schema = schemathesis.openapi.from_dict(create_app(_settings(Path("unused"), Path("unused"))).openapi())
+
+
+@pytest.fixture(scope="module")
+def client(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ASGIClient]:
+    app_settings = _settings(trained_home.home, tmp_path_factory.mktemp("fuzz-log"))
+    app = create_app(app_settings, prediction_log=default_prediction_log(app_settings))
+    with ASGIClient(app) as session:
+        assert session.get("/health/ready").status_code == 200
+        yield session
+    shutdown_lifespans()
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+def test_api_matches_its_openapi_document(case: Any, client: ASGIClient) -> None:
+    response = case.call_and_validate(base_url="http://testserver", session=client)
+    assert response.status_code < 500, response.text
