@@ -1,0 +1,298 @@
+"""Load benchmark: `custseg serve` against a faithful rebuild of the prototype's server, same data, same load.
+
+Usage: ``.venv/bin/python bench/bench_api.py [--duration 10] [--repeats 3] [--workers 2] [--json OUT]``
+(needs ``wrk``: ``apt-get install -y wrk``).
+
+What it does, all in one run so the figures share the machine's conditions:
+
+1. trains the prototype's forest the prototype's way (``bench/prototype/train_prototype.py``) and a custseg
+   champion with ``custseg train`` on the same file (``data/customers.csv``) in a temporary CUSTSEG_HOME;
+2. starts three servers on loopback ports: the prototype (Flask dev server, ``app.run()``), ``custseg serve``
+   as shipped (prediction log on), and ``custseg serve`` with ``CUSTSEG_PREDICTION_LOG_ENABLED=false``;
+3. posts the prototype's body (DESIGN.md) to ``/predict`` with wrk at 1 and 16 connections, ``--repeats``
+   times each, servers interleaved in a rotating order so background noise spreads evenly;
+4. prints median throughput, p50 and p99 latency, the ratios against the targets (throughput at 16
+   connections >= 30x the prototype, p50 at 1 connection <= 2 ms, prediction-log cost <= 15%), and the
+   number of rows the logging server actually wrote (read back after a graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROTOTYPE_BODY = (
+    '{"age": 56, "gender": "Male", "annual_income": 65648, "total_spent": 49624, "num_purchases": 17, '
+    '"avg_purchase_value": 467, "online_activity_score": 52, "loyalty_program": 0, '
+    '"days_since_last_purchase": 235, "num_site_visits": 61}'
+)
+CONNECTIONS = (1, 16)
+TARGET_SPEEDUP = 30.0
+TARGET_P50_MS = 2.0
+TARGET_LOG_COST = 0.15
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[BODY]]
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, '
+    .. '"status": %d, "timeout": %d, "p50_us": %d, "p99_us": %d, "mean_us": %.1f}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    runs: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    untimed_requests: int = 0
+    """Sanity check and warm-up requests (not in the figures, but in the prediction log)."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_checked(command: list[str], env: dict[str, str], what: str) -> str:
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def start(server: Server) -> None:
+    with server.log.open("wb") as out:
+        server.process = subprocess.Popen(
+            server.command, env=server.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_ready(server: Server, path: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.process is not None
+        if server.process.poll() is not None:
+            sys.exit(f"{server.name} exited:\n{server.log.read_text()[-3000:]}")
+        try:
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    sys.exit(f"{server.name} not ready after {timeout:.0f} s:\n{server.log.read_text()[-3000:]}")
+
+
+def stop(server: Server) -> None:
+    if server.process is not None and server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(10)
+
+
+def wrk(server: Server, script: Path, connections: int, duration: float) -> dict[str, float]:
+    command = [
+        "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
+        "-s", str(script), server.url + "/predict",
+    ]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next((x for x in output.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        sys.exit(f"no result from wrk against {server.name}:\n{output}")
+    raw = json.loads(line.removeprefix("WRK_JSON "))
+    seconds = raw["duration_us"] / 1e6
+    errors = sum(raw[k] for k in ("connect", "read", "write", "status", "timeout"))
+    return {
+        "requests": raw["requests"],
+        "rps": raw["requests"] / seconds,
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "mean_ms": raw["mean_us"] / 1000,
+        "errors": errors,
+    }
+
+
+def median(server: Server, connections: int, key: str) -> float:
+    return statistics.median(run[key] for run in server.runs[connections])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="Seconds per wrk run.")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per server and connection count.")
+    parser.add_argument("--workers", type=int, default=2, help="custseg serve worker processes.")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "customers.csv")
+    parser.add_argument("--json", type=Path, help="Also write every run and the summary here.")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+
+    with tempfile.TemporaryDirectory(prefix="custseg-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        home = tmp / "home"
+        base_env = {
+            **os.environ,
+            "CUSTSEG_HOME": str(home),
+            "MLFLOW_TRACKING_URI": "",
+            "PYTHONUNBUFFERED": "1",
+        }
+        print(f"training the prototype's forest and a custseg champion on {args.data} ...", flush=True)
+        proto_dir = tmp / "proto"
+        trainer = [sys.executable, "bench/prototype/train_prototype.py", str(args.data), str(proto_dir)]
+        print(run_checked(trainer, base_env, "prototype training").strip())
+        run_checked([str(BIN / "custseg"), "train", "--data", str(args.data)], base_env, "custseg train")
+        script = tmp / "post.lua"
+        script.write_text(WRK_SCRIPT.replace("BODY", PROTOTYPE_BODY))
+
+        serve = [str(BIN / "custseg"), "serve", "--workers", str(args.workers), "--port"]
+        log_off = {**base_env, "CUSTSEG_PREDICTION_LOG_ENABLED": "false"}
+        servers = [
+            Server("prototype (Flask dev server + sklearn)", [], {**base_env, "MODEL_DIR": str(proto_dir)},
+                   free_port(), tmp / "prototype.log"),
+            Server("custseg serve (prediction log on)", [], base_env, free_port(), tmp / "custseg-on.log"),
+            Server("custseg serve (prediction log off)", [], log_off, free_port(), tmp / "custseg-off.log"),
+        ]  # fmt: skip
+        prototype, logged, unlogged = servers
+        prototype.command = [sys.executable, "bench/prototype/app.py", str(prototype.port)]
+        for server in (logged, unlogged):
+            server.command = [*serve, str(server.port)]
+        try:
+            for server in servers:
+                start(server)
+            wait_ready(prototype, "/")
+            wait_ready(logged, "/health/ready")
+            wait_ready(unlogged, "/health/ready")
+            for server in servers:
+                answer = httpx.post(
+                    server.url + "/predict",
+                    content=PROTOTYPE_BODY,
+                    headers={"Content-Type": "application/json"},
+                )
+                print(f"{server.name}: {answer.status_code} prediction={answer.json().get('prediction')}")
+                warm = wrk(server, script, 16, 2)  # warm-up: imports, first-call paths, connection pools
+                server.untimed_requests = 1 + int(warm["requests"])
+            print(
+                f"\nwrk, POST /predict with the prototype's body, {args.duration:g} s per run, "
+                f"{args.repeats} runs; custseg with {args.workers} workers on {os.cpu_count()} cores\n",
+                flush=True,
+            )
+            for repeat in range(args.repeats):
+                order = servers[repeat % 3 :] + servers[: repeat % 3]
+                for connections in CONNECTIONS:
+                    for server in order:
+                        result = wrk(server, script, connections, args.duration)
+                        server.runs.setdefault(connections, []).append(result)
+                        print(
+                            f"  run {repeat + 1} c={connections:<2} {server.name:<40}"
+                            f" {result['rps']:9.1f} req/s"
+                            f"  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms"
+                            f"  errors {result['errors']}",
+                            flush=True,
+                        )
+        finally:
+            for server in servers:
+                stop(server)  # SIGTERM: the logging server flushes its buffer before it exits
+        served = logged.untimed_requests + sum(
+            run["requests"] for runs in logged.runs.values() for run in runs
+        )
+        logged_rows = _count_logged(home / "predictions.db")
+        summary = report(servers, served, logged_rows)
+        if args.json:
+            args.json.write_text(
+                json.dumps({"summary": summary, "servers": [asdict(s) | {"process": None} for s in servers]},
+                           indent=2, default=str)
+            )  # fmt: skip
+            print(f"\nwrote {args.json}")
+
+
+def _count_logged(database: Path) -> int | None:
+    if not database.exists():
+        return None
+    with sqlite3.connect(database) as connection:
+        return int(connection.execute("select count(*) from predictions").fetchone()[0])
+
+
+def report(servers: list[Server], served: int, logged_rows: int | None) -> dict[str, float]:
+    prototype, logged, unlogged = servers
+    print(f"\n{'median of runs':<40} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for connections in CONNECTIONS:
+        for server in servers:
+            errors = sum(run["errors"] for run in server.runs[connections])
+            rps, p50, p99 = (median(server, connections, k) for k in ("rps", "p50_ms", "p99_ms"))
+            print(f"{server.name:<40} {connections:>5} {rps:>10.1f} {p50:>8.2f} {p99:>8.2f} {errors:>7}")
+    speedup = median(logged, 16, "rps") / median(prototype, 16, "rps")
+    speedup_off = median(unlogged, 16, "rps") / median(prototype, 16, "rps")
+    p50 = median(logged, 1, "p50_ms")
+    p50_ratio = median(prototype, 1, "p50_ms") / p50
+    cost16 = 1 - median(logged, 16, "rps") / median(unlogged, 16, "rps")
+    cost1 = 1 - median(logged, 1, "rps") / median(unlogged, 1, "rps")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print(
+        f"\nthroughput at 16 connections: custseg {speedup:.1f}x the prototype with the prediction log "
+        f"({speedup_off:.1f}x without); target >= {TARGET_SPEEDUP:g}x: {verdict(speedup >= TARGET_SPEEDUP)}"
+    )
+    print(
+        f"p50 at 1 connection: custseg {p50:.2f} ms ({p50_ratio:.0f}x lower than the prototype's "
+        f"{median(prototype, 1, 'p50_ms'):.2f} ms); target <= {TARGET_P50_MS:g} ms: "
+        + verdict(p50 <= TARGET_P50_MS)
+    )
+    print(
+        f"prediction log cost in throughput: {cost16:.1%} at 16 connections, {cost1:.1%} at 1; "
+        f"target <= {TARGET_LOG_COST:.0%}: {verdict(cost16 <= TARGET_LOG_COST)}"
+    )
+    print(
+        f"rows in the prediction log after a graceful shutdown: {logged_rows} "
+        f"(responses wrk and the checks received from that server: {served})"
+    )
+    return {
+        "speedup_16": speedup,
+        "speedup_16_log_off": speedup_off,
+        "p50_1_ms": p50,
+        "p50_ratio_1": p50_ratio,
+        "log_cost_16": cost16,
+        "log_cost_1": cost1,
+        "logged_rows": -1 if logged_rows is None else logged_rows,
+        "served_timed": served,
+    }
+
+
+if __name__ == "__main__":
+    main()
