@@ -1,0 +1,455 @@
+"""The prediction log on SQLite and on the PostgreSQL server of this machine: writes, batching, bounded
+memory, flush on close, database outages, retention, feedback, window queries; and `custseg serve`
+logging every answered prediction (SIGTERM loses nothing; kill -9 loses at most a short window)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, generate_latest
+from typer.testing import CliRunner
+
+from custseg import schema
+from custseg.api import create_app
+from custseg.cli import app as cli_app
+from custseg.data import generate
+from custseg.errors import DataValidationError
+from custseg.predlog import PredictionLog, UnknownFeedbackError
+from custseg.settings import Settings
+
+from .conftest import TrainedHome
+from .monitoring_support import PG_URL, TcpProxy, app_server, custseg_serve, metric_value, records
+
+ROWS = generate(200, seed=3)
+
+
+def _pg_reachable() -> None:
+    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except sa.exc.OperationalError as exc:  # a required service: fail loudly, never skip
+        pytest.fail(f"PostgreSQL at {PG_URL} is not reachable: {exc}")
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str
+    prefix: str
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    prefix = f"t{uuid.uuid4().hex[:10]}_"
+    if request.param == "sqlite":
+        yield Backend("sqlite", f"sqlite:///{tmp_path / 'predictions.db'}", prefix)
+        return
+    _pg_reachable()
+    yield Backend("postgresql", PG_URL, prefix)
+    cleanup = PredictionLog(PG_URL, table_prefix=prefix)
+    cleanup.drop_tables()
+    cleanup.close()
+
+
+def make_log(backend: Backend, **options: Any) -> PredictionLog:
+    return PredictionLog(backend.url, table_prefix=backend.prefix, **options)
+
+
+def entries(n: int, *, start: int = 0, ts: float | None = None, version: str = "1") -> list[dict[str, Any]]:
+    """n one-row requests, request ids req-{start}..., features from generated customers."""
+    now = time.time() if ts is None else ts
+    out = []
+    for i in range(start, start + n):
+        row = ROWS.iloc[i % len(ROWS)]
+        out.append(
+            {
+                "request_id": f"req-{i}",
+                "ts": now,
+                "model_name": "customer-segments",
+                "model_version": version,
+                "customer_id": f"C{i}",
+                "features": {
+                    name: row[name].item() if hasattr(row[name], "item") else row[name]
+                    for name in schema.FEATURE_NAMES
+                },
+                "label": row[schema.LABEL_COLUMN],
+                "probabilities": {"high_value": 0.1, "low_value": 0.2, "medium_value": 0.7},
+                "latency_ms": 1.5,
+            }
+        )
+    return out
+
+
+def count(backend: Backend) -> int:
+    log = make_log(backend)
+    try:
+        return log.count()
+    finally:
+        log.close()
+
+
+def scrape(log: PredictionLog) -> str:
+    registry = CollectorRegistry()
+    log.register_metrics(registry)
+    return generate_latest(registry).decode()
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def test_rows_round_trip(backend: Backend) -> None:
+    log = make_log(backend, flush_seconds=0.05)
+    log.start()
+    batch = entries(2, start=0)
+    for entry in batch:
+        entry["request_id"] = "batch-1"  # one request with two rows: row_index 0 and 1
+    log.submit(batch)
+    log.submit(entries(1, start=5, version="2"))
+    assert log.flush(timeout=10)
+    window = log.window()
+    log.close()
+    assert list(window["request_id"]) == ["batch-1", "batch-1", "req-5"]
+    assert list(window["row_index"]) == [0, 1, 0]
+    assert list(window["model_version"]) == ["1", "1", "2"]
+    assert list(window["customer_id"]) == ["C0", "C1", "C5"]
+    for i, source in enumerate([0, 1, 5]):
+        for name in schema.FEATURE_NAMES:
+            assert window[name].iloc[i] == ROWS[name].iloc[source], name
+    assert list(window["label"]) == list(ROWS[schema.LABEL_COLUMN].iloc[[0, 1, 5]])
+    assert window["proba_medium_value"].tolist() == [0.7, 0.7, 0.7]
+    assert window["latency_ms"].tolist() == [1.5, 1.5, 1.5]
+    assert window["true_segment"].isna().all()
+
+
+def test_writes_are_batched_and_submit_is_cheap(backend: Backend) -> None:
+    log = make_log(backend, batch_rows=100, flush_seconds=60)
+    inserts: list[int] = []
+    table = f"{backend.prefix}predictions"
+
+    @sa.event.listens_for(log.engine, "before_cursor_execute")
+    def _count(_conn: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO") and table in statement:
+            inserts.append(len(parameters) if many else 1)
+
+    # One direct single-row write: what logging inside the request would cost.
+    log.ensure_schema()
+    direct = []
+    for entry in entries(5, start=10_000):
+        started = time.perf_counter()
+        log._write([entry])
+        direct.append(time.perf_counter() - started)
+    inserts.clear()
+    submits = []
+    for entry in entries(1000):  # writer not started yet: everything queues
+        started = time.perf_counter()
+        log.submit([entry])
+        submits.append(time.perf_counter() - started)
+    log.start()
+    assert log.flush(timeout=30)
+    log.close()
+    assert count(backend) == 1005
+    assert log.written == 1000 and log.write_failures == 0
+    assert len(inserts) == 10, inserts  # ten round trips of 100 rows, not a thousand
+    assert statistics.median(submits) * 20 < statistics.median(direct), (
+        statistics.median(submits),
+        statistics.median(direct),
+    )
+
+
+def test_bounded_buffer_drops_and_counts(backend: Backend) -> None:
+    log = make_log(backend, max_rows=100, flush_seconds=0.05)
+    for start in range(0, 150, 10):
+        log.submit(entries(10, start=start))
+    assert log.backlog == 100 and log.dropped == 50 and log.submitted == 100
+    text = scrape(log)
+    assert metric_value(text, "custseg_prediction_log_rows_dropped_total") == 50
+    assert metric_value(text, "custseg_prediction_log_backlog") == 100
+    log.start()
+    assert log.flush(timeout=30)
+    log.close()
+    assert count(backend) == 100 and log.backlog == 0
+    assert metric_value(scrape(log), "custseg_prediction_log_rows_written_total") == 100
+
+
+def test_close_writes_everything_buffered(backend: Backend) -> None:
+    log = make_log(backend, flush_seconds=60, batch_rows=10_000)
+    log.start()
+    log.submit(entries(300))
+    time.sleep(0.2)
+    assert log.backlog == 300  # nothing written yet: the writer waits for the interval or a full batch
+    log.close()
+    assert count(backend) == 300
+
+
+class Outage:
+    """Makes the log's database unreachable: a blocked folder for SQLite, a closed proxy for PostgreSQL."""
+
+    def __init__(self, backend: Backend, tmp_path: Path) -> None:
+        self.backend = backend
+        if backend.name == "sqlite":
+            self.blocker = tmp_path / "store"
+            self.url = f"sqlite:///{self.blocker / 'predictions.db'}"
+            self.direct = Backend("sqlite", self.url, backend.prefix)
+        else:
+            self.proxy = TcpProxy(("127.0.0.1", 5432))
+            self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.proxy.port}/test"
+            self.direct = backend
+
+    def down(self) -> None:
+        if self.backend.name == "sqlite":
+            self.blocker.write_text("a file where the database folder should be")
+        else:
+            self.proxy.down()
+
+    def up(self) -> None:
+        if self.backend.name == "sqlite":
+            self.blocker.unlink()
+        else:
+            self.proxy.up()
+
+
+@pytest.mark.timeout(120)
+def test_database_down_api_keeps_answering_then_catches_up(
+    backend: Backend, tmp_path: Path, trained_home: TrainedHome
+) -> None:
+    outage = Outage(backend, tmp_path)
+    outage.down()
+    log = PredictionLog(outage.url, table_prefix=backend.prefix, flush_seconds=0.05)
+    settings = Settings(home=trained_home.home, model_poll_seconds=0)
+    with app_server(create_app(settings, prediction_log=log)) as url, httpx.Client(base_url=url) as client:
+        for start in range(0, 60, 2):
+            response = client.post("/predict", json=records(ROWS.iloc[start : start + 2]))
+            assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 20
+        while log.write_failures < 2:
+            assert time.monotonic() < deadline, "the writer never tried the database"
+            time.sleep(0.05)
+        text = client.get("/metrics").text
+        assert metric_value(text, "custseg_prediction_log_write_failures_total") >= 2
+        assert metric_value(text, "custseg_prediction_log_backlog") == 60
+        assert log.written == 0 and log.last_error
+        outage.up()
+        deadline = time.monotonic() + 30
+        while log.backlog:
+            assert time.monotonic() < deadline, f"{log.backlog} rows still waiting: {log.last_error}"
+            time.sleep(0.05)
+        text = client.get("/metrics").text
+        assert metric_value(text, "custseg_prediction_log_rows_written_total") == 60
+        assert metric_value(text, "custseg_prediction_log_rows_dropped_total") == 0
+    assert count(outage.direct) == 60
+
+
+def test_retention_purges_old_rows(backend: Backend) -> None:
+    now = time.time()
+    old_ts = now - 3 * 86400
+    keep_all = make_log(backend, retention_days=0, purge_seconds=0, flush_seconds=0.05)
+    keep_all.start()
+    keep_all.submit(entries(5, start=0, ts=old_ts) + entries(5, start=5, ts=now))
+    assert keep_all.flush(timeout=30)
+    keep_all.record_feedback([{"request_id": "req-0", "customer_segment": "low_value", "ts": old_ts}])
+    keep_all.submit(entries(1, start=10))
+    assert keep_all.flush(timeout=30)
+    time.sleep(0.2)
+    assert keep_all.count() == 11 and keep_all.purged == 0  # retention 0 keeps everything
+    keep_all.close()
+
+    log = make_log(backend, retention_days=1, purge_seconds=0, flush_seconds=0.05)
+    log.start()
+    log.submit(entries(1, start=11))  # a successful write triggers the periodic purge
+    deadline = time.monotonic() + 20
+    while log.count() != 7:
+        assert time.monotonic() < deadline, log.count()
+        time.sleep(0.05)
+    assert log.window()["ts"].min() >= now - 1
+    with log.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(log.feedback)).scalar_one() == 0
+    assert log.purged == 6  # five predictions and one feedback row older than a day
+    log.close()
+
+
+# -- feedback and queries --------------------------------------------------------------------------
+
+
+def test_feedback_unknown_ids_duplicates_and_bad_records(backend: Backend) -> None:
+    log = make_log(backend, flush_seconds=0.05)
+    log.start()
+    batch = entries(2)
+    for entry in batch:
+        entry["request_id"] = "batch-9"
+    log.submit(batch + entries(3, start=2))
+    first = log.record_feedback(
+        [
+            {"request_id": "batch-9", "row_index": 1, "customer_segment": "high_value"},
+            {"customer_id": "C3", "customer_segment": "low_value"},
+        ]
+    )
+    assert first.written == 2 and first.duplicates == []
+
+    again = log.record_feedback(
+        [
+            {"request_id": "batch-9", "row_index": 1, "customer_segment": "high_value"},
+            {"request_id": "req-2", "customer_segment": "medium_value"},
+            {"request_id": "req-2", "customer_segment": "medium_value"},
+        ]
+    )
+    assert again.written == 1
+    assert again.duplicates == ["request:batch-9:1", "request:req-2:0"]
+
+    with pytest.raises(UnknownFeedbackError) as unknown:
+        log.record_feedback(
+            [
+                {"request_id": "req-4", "customer_segment": "low_value"},  # valid, but must not be written
+                {"request_id": "no-such-request", "customer_segment": "low_value"},
+                {"customer_id": "C999", "customer_segment": "low_value"},
+            ]
+        )
+    message = str(unknown.value)
+    assert "no-such-request" in message and "C999" in message and "nothing was written" in message
+
+    with pytest.raises(DataValidationError) as bad:
+        log.record_feedback(
+            [
+                {"request_id": "req-4", "customer_segment": "low_value"},
+                {"request_id": "req-4", "customer_segment": "gold"},
+                {"customer_segment": "low_value"},
+            ]
+        )
+    text = str(bad.value)
+    assert "row 2, column 'customer_segment'" in text and "'gold'" in text
+    assert "row 3: needs a request_id or a customer_id" in text
+
+    with log.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(log.feedback)).scalar_one() == 3
+    window = log.window()
+    keys = window["request_id"] + ":" + window["row_index"].astype(str)
+    truth = dict(zip(keys, window["true_segment"], strict=True))
+    assert truth["batch-9:1"] == "high_value" and truth["req-3:0"] == "low_value"
+    assert truth["req-2:0"] == "medium_value" and truth["req-4:0"] != truth["req-4:0"]  # NaN: no feedback
+    labelled = log.window(labelled_only=True)
+    assert sorted(labelled["request_id"] + ":" + labelled["row_index"].astype(str)) == [
+        "batch-9:1",
+        "req-2:0",
+        "req-3:0",
+    ]
+    log.close()
+
+
+def test_window_queries(backend: Backend) -> None:
+    log = make_log(backend, flush_seconds=0.05)
+    t0 = 1_800_000_000.0
+    for i in range(10):
+        log.submit(entries(1, start=i, ts=t0 + i, version="1" if i < 5 else "2"))
+    log.start()
+    assert log.flush(timeout=30)
+    assert log.window(since=t0 + 2, until=t0 + 6)["request_id"].tolist() == [
+        "req-2",
+        "req-3",
+        "req-4",
+        "req-5",
+    ]
+    assert log.window(model_version="2")["request_id"].tolist() == [f"req-{i}" for i in range(5, 10)]
+    assert log.window(since=t0 + 4, model_version="1")["request_id"].tolist() == ["req-4"]
+    assert log.window(since=t0 + 100).empty
+    assert len(log.window(limit=3)) == 3
+    log.close()
+
+
+# -- custseg serve: every answered prediction in the log -------------------------------------------
+
+
+def _serve_env(trained_home: TrainedHome, home: Path, **extra: str) -> dict[str, str]:
+    """A fresh CUSTSEG_HOME (so the default log lands there) reading the shared trained registry."""
+    return {
+        "CUSTSEG_HOME": str(home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{trained_home.home / 'mlflow.db'}",
+        "CUSTSEG_MODEL_POLL_SECONDS": "0",
+        **extra,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("store", ["sqlite-default", "postgresql"])
+def test_serve_sigterm_logs_every_answered_prediction(
+    store: str, trained_home: TrainedHome, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    extra: dict[str, str] = {}
+    prefix = f"t{uuid.uuid4().hex[:10]}_"
+    if store == "postgresql":
+        _pg_reachable()
+        extra = {"CUSTSEG_PREDICTION_LOG_URL": PG_URL, "CUSTSEG_PREDICTION_LOG_TABLE_PREFIX": prefix}
+    env = _serve_env(trained_home, home, **extra)
+    try:
+        with custseg_serve(env, log_path=tmp_path / "serve.log") as (process, url):
+            with httpx.Client(base_url=url) as client:
+                answered = 0
+                for i in range(100):  # 100 single-row requests and 50 two-row batches = 200 rows
+                    response = client.post("/predict", json=records(ROWS.iloc[i : i + 1])[0])
+                    answered += len(response.json()["prediction"])
+                for i in range(100, 200, 2):
+                    answered += len(
+                        client.post("/score", json=records(ROWS.iloc[i : i + 2])).json()["prediction"]
+                    )
+            assert answered == 200
+            process.send_signal(signal.SIGTERM)
+            # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15)
+            assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+            assert "Finished server process" in (tmp_path / "serve.log").read_text()
+        if store == "sqlite-default":
+            assert (home / "predictions.db").exists()
+        result = CliRunner().invoke(cli_app, ["monitor", "--format", "json", "--no-mlflow"], env=env)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["n_current"] == 200
+        assert report["source"] == "prediction log" and report["model"]["version"] == "1"
+    finally:
+        if store == "postgresql":
+            cleanup = PredictionLog(PG_URL, table_prefix=prefix)
+            cleanup.drop_tables()
+            cleanup.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_kill_9_loses_at_most_the_flush_window(trained_home: TrainedHome, tmp_path: Path) -> None:
+    """Measures what a hard kill loses: requests answered after the last batch write (flush 0.2 s)."""
+    home = tmp_path / "home"
+    env = _serve_env(trained_home, home, CUSTSEG_PREDICTION_LOG_FLUSH_SECONDS="0.2")
+    acked: list[tuple[str, float]] = []
+    with custseg_serve(env, log_path=tmp_path / "serve.log") as (process, url):
+        with httpx.Client(base_url=url) as client:
+            body = records(ROWS.iloc[:1])[0]
+            stop_at = time.monotonic() + 3.0
+            while time.monotonic() < stop_at:
+                response = client.post("/predict", json=body)
+                acked.append((response.json()["request_id"], time.time()))
+        killed_at = time.time()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    log = PredictionLog(f"sqlite:///{home / 'predictions.db'}")
+    logged = set(log.window()["request_id"])
+    log.close()
+    lost = [(rid, t) for rid, t in acked if rid not in logged]
+    window = killed_at - min(t for _, t in lost) if lost else 0.0
+    print(
+        f"\nkill -9: {len(acked)} answered in 3 s, {len(lost)} not logged; lost window {window * 1000:.0f} ms"
+    )
+    assert len(logged) >= len(acked) - len(lost) and len(acked) > 100
+    assert all(rid in logged for rid, t in acked if t < killed_at - 1.0), "rows older than 1 s were lost"
+    assert window < 1.0
