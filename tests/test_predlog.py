@@ -453,3 +453,45 @@ def test_kill_9_loses_at_most_the_flush_window(trained_home: TrainedHome, tmp_pa
     assert len(logged) >= len(acked) - len(lost) and len(acked) > 100
     assert all(rid in logged for rid, t in acked if t < killed_at - 1.0), "rows older than 1 s were lost"
     assert window < 1.0
+
+
+@pytest.mark.timeout(120)
+def test_feedback_endpoint(trained_home: TrainedHome, tmp_path: Path) -> None:
+    log = PredictionLog(f"sqlite:///{tmp_path / 'api.db'}", flush_seconds=0.05)
+    settings = Settings(home=trained_home.home, model_poll_seconds=0)
+    with app_server(create_app(settings, prediction_log=log)) as url, httpx.Client(base_url=url) as client:
+        answer = client.post("/predict", json=records(ROWS.iloc[:2])).json()
+        rid = answer["request_id"]
+        ok = client.post(
+            "/feedback", json={"request_id": rid, "row_index": 1, "customer_segment": "low_value"}
+        )
+        assert ok.status_code == 200
+        assert ok.json() == {"written": 1, "duplicates": [], "message": "recorded 1 true segment(s)"}
+        twice = client.post(
+            "/feedback",
+            json=[
+                {"request_id": rid, "row_index": 1, "customer_segment": "low_value"},
+                {"customer_id": ROWS[schema.ID_COLUMN].iloc[0], "customer_segment": "high_value"},
+            ],
+        )
+        assert twice.status_code == 200 and twice.json()["written"] == 1
+        assert twice.json()["duplicates"] == [f"request:{rid}:1"]
+        assert "1 already recorded, not written again" in twice.json()["message"]
+        unknown = client.post("/feedback", json={"request_id": "nope", "customer_segment": "low_value"})
+        assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_ids"
+        assert unknown.json()["errors"] == [
+            {"field": None, "row": None, "reason": "no logged prediction for request_id nope"}
+        ]
+        invalid = client.post("/feedback", json=[{"request_id": rid, "customer_segment": "gold"}, 3])
+        assert invalid.status_code == 422
+        assert invalid.json()["errors"] == [{"field": None, "row": 1, "reason": "expected a JSON object"}]
+        bad_segment = client.post("/feedback", json=[{"request_id": rid, "customer_segment": "gold"}])
+        assert bad_segment.status_code == 422
+        assert bad_segment.json()["errors"][0]["field"] == "customer_segment"
+        assert client.post("/feedback", content=b"{not json").status_code == 400
+        assert "Traceback" not in invalid.text + unknown.text
+    window = PredictionLog(f"sqlite:///{tmp_path / 'api.db'}").window()
+    assert window["true_segment"].tolist() == ["high_value", "low_value"]
+    with app_server(create_app(settings)) as url:  # no prediction log: feedback cannot be stored
+        disabled = httpx.post(f"{url}/feedback", json={"request_id": "x", "customer_segment": "low_value"})
+        assert disabled.status_code == 503 and "disabled" in disabled.json()["message"]
