@@ -1033,11 +1033,11 @@ def rich_report(data: DataProfile) -> list[Any]:
         out += [Text(f"warning: {w}", "yellow") for w in data.balance.warnings]
 
     if data.separation:
-        ranking = Table(
-            title=f"features that separate the segments: {data.separation_method} "
-            f"({len(data.sample):,} rows)",
-            title_justify="left",
+        # The method is a line of its own: as a table title it would wrap to the narrow table's width.
+        out.append(
+            Text(f"features that separate the segments: {data.separation_method} ({len(data.sample):,} rows)")
         )
+        ranking = Table()
         ranking.add_column("feature")
         ranking.add_column("score", justify="right")
         for name, score in data.separation.items():
