@@ -103,7 +103,7 @@ def main() -> None:
             html = Path(folder) / "report.html"
             json_s = _command([str(path), "--format", "json"])
             html_s = _command([str(path), "--html", str(html)])
-            print(f"  custseg inspect --format json: {json_s:.2f} s;  with --html: {html_s:.2f} s (whole command)")
+            print(f"  whole command: inspect --format json {json_s:.2f} s; with --html {html_s:.2f} s")
 
 
 if __name__ == "__main__":
