@@ -67,7 +67,7 @@ INPUT_COLUMNS: tuple[str, ...] = (ID_COLUMN, *FEATURE_NAMES)
 SEGMENT_COLUMN = "segment"
 VERSION_COLUMN = "model_version"
 REJECT_COLUMNS: tuple[str, ...] = ("row", ID_COLUMN, "reason")
-_CSV_BYTES_PER_ROW = 128  # a generated customer row is ~76 bytes; read blocks of about chunk_rows rows
+_CSV_BLOCK_BYTES = 256 << 10  # as fast as larger blocks; pyarrow's read-ahead is a multiple of it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +271,8 @@ class _Chunk:
     rows: np.ndarray
     parse_rejects: list[tuple[int, str, str]] = field(default_factory=list)
     """(row, customer_id, reason) of malformed records found up to the end of this chunk."""
+    fraction: float | None = None
+    """Share of the input read when this chunk was cut (None when unknown)."""
 
 
 class _Source:
@@ -319,13 +321,6 @@ class _Source:
             raise _unreadable(self.path, "CSV", exc) from None
         return names
 
-    def fraction(self, rows_read: int) -> float | None:
-        if self.total_rows is not None:
-            return rows_read / self.total_rows if self.total_rows else 1.0
-        if self._file is not None and not self._file.closed:
-            return min(1.0, self._file.tell() / self._size)
-        return None
-
     def chunks(self) -> Iterator[_Chunk]:
         if self.format == "parquet":
             yield from self._parquet_chunks()
@@ -338,7 +333,7 @@ class _Source:
             for batch in self._parquet.iter_batches(batch_size=self.chunk_rows, columns=list(INPUT_COLUMNS)):
                 rows = np.arange(done + 1, done + batch.num_rows + 1, dtype=np.int64)
                 done += batch.num_rows
-                yield _Chunk(batch.to_pandas(), rows)
+                yield _Chunk(batch.to_pandas(), rows, fraction=done / max(1, self.total_rows or 0))
         except (OSError, pa.ArrowException) as exc:
             raise _unreadable(self.path, "Parquet", exc) from None
 
@@ -355,7 +350,7 @@ class _Source:
             malformed.append((number, reason))
             return "skip"
 
-        block = min(256 << 20, max(64 << 10, self.chunk_rows * _CSV_BYTES_PER_ROW))
+        block = _CSV_BLOCK_BYTES
         convert = pa_csv.ConvertOptions(
             column_types={name: pa.string() for name in INPUT_COLUMNS},
             include_columns=list(INPUT_COLUMNS),
@@ -373,19 +368,38 @@ class _Source:
                 parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid),
                 convert_options=convert,
             )
+
+            def cut(part: pa.Table) -> _Chunk:
+                nonlocal parsed, reported
+                skipped = np.asarray([n for n, _ in malformed if n >= 0], dtype=np.int64)
+                parsed_index = np.arange(parsed + 1, parsed + part.num_rows + 1, dtype=np.int64)
+                # The k-th parsed record is the k-th input row not in the (sorted) skipped list.
+                shift = np.searchsorted(skipped - np.arange(len(skipped)), parsed_index, side="right")
+                rows = parsed_index + shift
+                parsed += part.num_rows
+                last = int(rows[-1]) if len(rows) else 0
+                due = [m for m in malformed[reported:] if m[0] <= last]
+                reported += len(due)
+                assert self._file is not None
+                fraction = min(1.0, self._file.tell() / self._size)
+                return _Chunk(part.to_pandas(), rows, [(n, "", r) for n, r in due], fraction)
+
+            # Small blocks gathered into chunks: pyarrow reads dozens of blocks ahead, so the block
+            # size (not the chunk size) bounds that read-ahead memory.
+            pending: list[pa.RecordBatch] = []
+            pending_rows = 0
             for batch in reader:
-                for start in range(0, batch.num_rows, self.chunk_rows):
-                    part = batch.slice(start, self.chunk_rows)
-                    skipped = np.asarray([n for n, _ in malformed if n >= 0], dtype=np.int64)
-                    parsed_index = np.arange(parsed + 1, parsed + part.num_rows + 1, dtype=np.int64)
-                    # The k-th parsed record is the k-th input row not in the (sorted) skipped list.
-                    shift = np.searchsorted(skipped - np.arange(len(skipped)), parsed_index, side="right")
-                    rows = parsed_index + shift
-                    parsed += part.num_rows
-                    last = int(rows[-1]) if len(rows) else 0
-                    due = [m for m in malformed[reported:] if m[0] <= last]
-                    reported += len(due)
-                    yield _Chunk(part.to_pandas(), rows, [(n, "", r) for n, r in due])
+                pending.append(batch)
+                pending_rows += batch.num_rows
+                if pending_rows >= self.chunk_rows:
+                    table = pa.Table.from_batches(pending)
+                    full = pending_rows - pending_rows % self.chunk_rows
+                    for start in range(0, full, self.chunk_rows):
+                        yield cut(table.slice(start, self.chunk_rows))
+                    pending = table.slice(full).to_batches()
+                    pending_rows -= full
+            if pending_rows:
+                yield cut(pa.Table.from_batches(pending))
             rest = malformed[reported:]
             if rest:
                 yield _Chunk(
@@ -609,12 +623,12 @@ def score_file(
                 rejected += len(chunk_rejects)
                 counts.update(_value_counts(result.output.column(SEGMENT_COLUMN)))
                 if on_progress is not None:
-                    on_progress(
-                        BatchProgress(scored + rejected, rejected, source.fraction(scored + rejected))
-                    )
+                    on_progress(BatchProgress(scored + rejected, rejected, chunk.fraction))
         writer.commit()
         if rejects_writer is not None:
             rejects_writer.commit()
+        if on_progress is not None:
+            on_progress(BatchProgress(scored + rejected, rejected, 1.0))
     except BaseException:
         writer.discard()
         if rejects_writer is not None:
