@@ -78,6 +78,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 NUMBER_CAP = 1e15
 """Upper bound for features the schema leaves open: keeps values finite in the model's float32 inputs."""
 
+REJECTED_RETRY_SECONDS = 60.0
+"""A version that failed to load or check is tried again after this long (or 10 polls), not every poll."""
+
 OFFLOAD_ROWS = 64
 """Batches larger than this are scored in a worker thread so the event loop keeps answering."""
 
@@ -309,6 +312,7 @@ class ModelHolder:
         self.model_uri = model_uri or settings.model_uri
         self.metrics = metrics
         self.current: LoadedModel | None = None
+        self._rejected: dict[str, float] = {}  # version URI -> monotonic time of the next attempt
 
     async def refresh(self) -> None:
         """Load the version the URI names now if it is not the one being served; never raises."""
@@ -326,15 +330,25 @@ class ModelHolder:
         current = self.current
         if current is not None and current.ref.version == ref.version and current.ref.name == ref.name:
             return
+        if time.monotonic() < self._rejected.get(ref.uri, 0.0):
+            return  # refused recently: do not download and check it again on every poll
         try:
             scorer, loaded_ref = await asyncio.to_thread(load_scorer, self.settings, ref.uri)
         except Exception as exc:  # a broken version must never replace a working one
             self.metrics.swap_failures.inc()
+            wait = max(REJECTED_RETRY_SECONDS, 10 * self.settings.model_poll_seconds)
+            self._rejected[ref.uri] = time.monotonic() + wait
             kept = f"still serving version {current.ref.version}" if current else "no model is serving"
             logger.error(
-                "model %s failed to load or check (%s: %s); %s", ref.uri, type(exc).__name__, exc, kept
+                "model %s failed to load or check (%s: %s); %s; next attempt in %.0f s",
+                ref.uri,
+                type(exc).__name__,
+                exc,
+                kept,
+                wait,
             )
             return
+        self._rejected.pop(ref.uri, None)
         self.install(scorer, loaded_ref)
 
     def install(self, scorer: Scorer, ref: ModelRef) -> None:
@@ -1079,6 +1093,7 @@ def run_server(
 ) -> None:
     """Serve until SIGTERM/SIGINT (uvicorn finishes in-flight requests, then exits 0)."""
     import os
+    import signal
 
     import uvicorn
 
@@ -1093,6 +1108,9 @@ def run_server(
         "timeout_graceful_shutdown": 30,
         "server_header": False,
     }
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done, which would end the process as
+    # "killed by signal"; a completed graceful shutdown is a clean exit (0) for process supervisors.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     if workers > 1:
         # Each worker process builds its own app (and loads its own model) from the environment.
         if settings.model_uri:
@@ -1102,6 +1120,10 @@ def run_server(
         uvicorn.run("custseg.api:app_from_environment", factory=True, workers=workers, **common)
     else:
         uvicorn.run(create_app(settings, prediction_log=default_prediction_log(settings)), **common)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def default_prediction_log(settings: Settings) -> Any:
