@@ -262,7 +262,9 @@ def serve(
     if poll_seconds is not None:
         overrides["model_poll_seconds"] = poll_seconds
     settings = Settings().model_copy(update=overrides)
-    err_console.print(f"custseg API on http://{host}:{port} (docs at /docs); Ctrl-C or SIGTERM stops it")
+    err_console.print(
+        f"custseg API on http://{host}:{port} (docs at /docs); Ctrl-C or SIGTERM stops it", soft_wrap=True
+    )
     run_server(settings, host=host, port=port, workers=workers, insecure=insecure, log_level=log_level)
 
 
