@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -234,10 +234,13 @@ def main() -> None:
         summary = report(servers, served, logged_rows)
         if args.json:
             args.json.write_text(
-                json.dumps({"summary": summary, "servers": [asdict(s) | {"process": None} for s in servers]},
-                           indent=2, default=str)
+                json.dumps({"summary": summary, "servers": [_as_record(s) for s in servers]}, indent=2)
             )  # fmt: skip
             print(f"\nwrote {args.json}")
+
+
+def _as_record(server: Server) -> dict[str, object]:
+    return {"name": server.name, "command": server.command, "runs": server.runs}
 
 
 def _count_logged(database: Path) -> int | None:

@@ -202,3 +202,26 @@ def test_init_without_model_dir_says_what_is_missing(monkeypatch: pytest.MonkeyP
     answer = score.run(PROTOTYPE_BODY)  # run() before a successful init(): a JSON 503, no traceback
     assert answer.status_code == 503
     assert json.loads(answer.get_data())["error"] == "no_model"
+
+
+def test_deployment_files_agree_with_the_package() -> None:
+    """The Azure ML yaml files parse, point at each other and pin what pyproject.toml pins."""
+    import tomllib
+
+    import yaml
+
+    folder = SCORE_SCRIPT.parent
+    endpoint = yaml.safe_load((folder / "endpoint.yml").read_text())
+    deployment = yaml.safe_load((folder / "deployment.yml").read_text())
+    environment = yaml.safe_load((folder / "environment.yml").read_text())
+    assert deployment["endpoint_name"] == endpoint["name"]
+    assert deployment["code_configuration"]["scoring_script"] == SCORE_SCRIPT.name
+    assert (folder / deployment["environment"]["conda_file"]).is_file()
+    assert deployment["model"].startswith("azureml:customer-segments:")
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (pip,) = [d["pip"] for d in environment["dependencies"] if isinstance(d, dict)]
+    runtime = set(project["dependencies"])
+    azure = set(project["optional-dependencies"]["azure"])
+    assert set(pip) == runtime | azure, "environment.yml pins differ from pyproject.toml"
+    assert all("==" in pin for pin in pip)
