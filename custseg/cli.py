@@ -254,7 +254,7 @@ def serve(
     ] = "info",
 ) -> None:
     """Serve the champion over HTTP (POST /predict, /score; GET /health/ready, /model, /metrics, /docs)."""
-    from custseg.api import run_server
+    from custseg.api import check_bind, run_server
 
     overrides: dict[str, object] = {}
     if model:
@@ -262,6 +262,7 @@ def serve(
     if poll_seconds is not None:
         overrides["model_poll_seconds"] = poll_seconds
     settings = Settings().model_copy(update=overrides)
+    check_bind(host, settings, insecure=insecure)
     err_console.print(
         f"custseg API on http://{host}:{port} (docs at /docs); Ctrl-C or SIGTERM stops it", soft_wrap=True
     )
