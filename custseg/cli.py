@@ -332,7 +332,7 @@ def monitor(
         float | None, typer.Option(help="Second effect size: Wasserstein/std or Jensen-Shannon (0.1).")
     ] = None,
     min_rows: Annotated[
-        int | None, typer.Option(help="Smallest window judged; smaller is 'too small' (default 100).")
+        int | None, typer.Option(help="Smallest window judged; smaller is 'too small' (default 200).")
     ] = None,
     mlflow_run: Annotated[
         bool, typer.Option("--mlflow/--no-mlflow", help="Log the run to MLflow (monitoring run).")

@@ -93,7 +93,9 @@ PREDICTION = "prediction"
 class DriftThresholds:
     """When a shift is drift: significant (p < p_value) AND material, i.e. PSI ≥ ``psi``, or PSI ≥
     ``psi_warn`` and the second effect size ≥ ``effect``. Significant with only one of PSI ≥ ``psi_warn``
-    or effect ≥ ``effect`` is a warning.
+    or effect ≥ ``effect`` is a warning. PSI here is the PSI in excess of what sampling alone gives
+    (``psi_noise``), so small windows do not alarm on noise. Windows under ``min_rows`` are not judged
+    (measured with bench/bench_drift_false_alarms.py: 14% false alarms at 100 rows, 0.3% at 200).
 
     ``effect`` is the Wasserstein distance divided by the reference standard deviation for numeric
     features and the Jensen-Shannon distance (base 2) for categories. Significance alone would flag
@@ -104,7 +106,7 @@ class DriftThresholds:
     psi: float = 0.2
     psi_warn: float = 0.1
     effect: float = 0.1
-    min_rows: int = 100
+    min_rows: int = 200
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DriftThresholds:
@@ -145,6 +147,17 @@ def jensen_shannon_distance(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.sqrt(max((kl(p) + kl(q)) / 2, 0.0)))
 
 
+def psi_noise(bins: int, n_reference: float, n_current: float) -> float:
+    """The PSI two samples of the same distribution show on average: (bins - 1) (1/n_ref + 1/n_cur).
+
+    PSI is a Jeffreys divergence, whose sampling distribution is close to chi-square with bins - 1
+    degrees of freedom scaled by 1/n_ref + 1/n_cur. On 100 rows and 10 bins that is ~0.1 of pure noise,
+    half the drift threshold: thresholds are applied to the PSI in excess of it."""
+    if bins < 2 or n_reference <= 0 or n_current <= 0:
+        return 0.0
+    return (bins - 1) * (1 / n_reference + 1 / n_current)
+
+
 def _judge(p_value: float, psi_value: float, effect: float, th: DriftThresholds) -> str:
     """``drift`` when significant and either PSI is large, or PSI and the second effect size both
     pass their warning levels; ``warn`` when significant and one effect size passes; else ``ok``."""
@@ -170,16 +183,18 @@ def numeric_drift(
     reference = np.asarray(reference, dtype=np.float64)
     current = np.asarray(current, dtype=np.float64)
     psi_value = psi(np.asarray(reference_shares), bin_shares(current, inner_edges))
+    noise = psi_noise(len(reference_shares), len(reference), len(current))
     ks = stats.ks_2samp(reference, current)
     scale = float(reference.std()) or 1.0
     effect = float(stats.wasserstein_distance(reference, current)) / scale
-    status = _judge(float(ks.pvalue), psi_value, effect, thresholds)
+    status = _judge(float(ks.pvalue), psi_value - noise, effect, thresholds)
     return {
         "kind": "numeric",
         "test": "ks",
         "statistic": float(ks.statistic),
         "p_value": float(ks.pvalue),
         "psi": psi_value,
+        "psi_noise": noise,
         "effect": effect,
         "effect_name": "wasserstein_norm",
         "reference_mean": float(reference.mean()),
@@ -208,14 +223,16 @@ def categorical_drift(
     ref_shares = ref / max(ref.sum(), 1)
     cur_shares = cur / max(cur.sum(), 1)
     psi_value = psi(ref_shares, cur_shares) if len(categories) else 0.0
+    noise = psi_noise(len(categories), ref.sum(), cur.sum())
     effect = jensen_shannon_distance(ref, cur) if ref.sum() and cur.sum() else 0.0
-    status = _judge(p_value, psi_value, effect, thresholds)
+    status = _judge(p_value, psi_value - noise, effect, thresholds)
     return {
         "kind": "categorical",
         "test": "chi2",
         "statistic": statistic,
         "p_value": p_value,
         "psi": psi_value,
+        "psi_noise": noise,
         "effect": effect,
         "effect_name": "jensen_shannon",
         "reference_shares": {str(c): float(s) for c, s in zip(categories, ref_shares, strict=True)},

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     drift_effect: float = 0.1
     """Material effect besides PSI: Wasserstein / reference std (numeric) or Jensen-Shannon distance."""
 
-    drift_min_rows: int = 100
+    drift_min_rows: int = 200
     """Windows with fewer rows are reported as too small to judge."""
 
     monitor_window_rows: int = 5000

@@ -28,6 +28,7 @@ from custseg.monitor import (
     monitored_prediction_log,
     numeric_drift,
     psi,
+    psi_noise,
     realised_performance,
     reference_statistics,
 )
@@ -100,6 +101,17 @@ def test_jensen_shannon_and_psi_edge_cases() -> None:
     assert psi(np.array([0.5, 0.5, 0.0]), np.array([0.2, 0.3, 0.5])) > 2
 
 
+def test_psi_noise_is_the_mean_psi_of_two_samples_of_one_distribution() -> None:
+    rng = np.random.default_rng(1)
+    shares = np.full(10, 0.1)
+    for n_ref, n_cur in ((1600, 100), (1600, 1000), (400, 400)):
+        simulated = [
+            psi(rng.multinomial(n_ref, shares) / n_ref, rng.multinomial(n_cur, shares) / n_cur)
+            for _ in range(3000)
+        ]
+        assert np.mean(simulated) == pytest.approx(psi_noise(10, n_ref, n_cur), rel=0.06), (n_ref, n_cur)
+
+
 def test_categorical_drift_new_category_and_single_category() -> None:
     result = categorical_drift({"0": 500.0}, {"0": 300.0, "1": 300.0}, DriftThresholds())
     assert result["drift"] is True and result["current_shares"] == {"0": 0.5, "1": 0.5}
@@ -150,7 +162,7 @@ def test_tiny_and_empty_windows_are_too_small_to_judge(reference: tuple[pd.DataF
     tiny = generate(40, seed=3, drift=DRIFT)  # drifted, but too few rows to say so
     report = drift_report(frame, ref_stats, tiny, tiny[schema.LABEL_COLUMN])
     assert report["status"] == "insufficient_data" and report["drift_detected"] is False
-    assert "40 row(s)" in report["reason"] and "100" in report["reason"]
+    assert "40 row(s)" in report["reason"] and "200" in report["reason"]
     assert all(r["status"] == "insufficient" for r in report["features"].values())
     empty = drift_report(frame, ref_stats, tiny.iloc[:0])
     assert empty["n_current"] == 0 and empty["status"] == "insufficient_data"
@@ -268,7 +280,7 @@ def test_monitor_command_json_html_and_exit_codes(trained_home: TrainedHome, tmp
         "psi": 0.0,
         "psi_warn": 0.0,
         "effect": 0.1,
-        "min_rows": 100,
+        "min_rows": 200,
     }
 
 
@@ -296,7 +308,7 @@ def test_monitor_on_an_empty_log_says_the_window_is_too_small(
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["n_current"] == 0 and report["drift_detected"] is False
-    assert report["status"] == "insufficient_data" and "fewer than the 100" in report["reason"]
+    assert report["status"] == "insufficient_data" and "fewer than the 200" in report["reason"]
     bad_time = CliRunner().invoke(
         cli_app, ["monitor", "--since", "yesterday", "--no-mlflow"], env=_env(trained_home, tmp_path)
     )
