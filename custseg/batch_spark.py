@@ -220,9 +220,10 @@ def score_spark(
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
+    input, output = _local_absolute(input, must_exist=True), _local_absolute(output)
     if output.rstrip("/") == input.rstrip("/"):
         raise DataError(f"The output '{output}' is the input; choose another output path.")
-    rejects = rejects or _default_rejects(output)
+    rejects = _local_absolute(rejects) if rejects else _default_rejects(output)
     if chunk_rows is not None:
         if chunk_rows < 1:
             raise DataError(f"chunk_rows must be 1 or more (got {chunk_rows}).")
@@ -286,6 +287,20 @@ def _spark_reason(exc: BaseException) -> str:
     ]
     tail = [line for line in lines if "Error" in line or "Exception" in line] or lines
     return (tail[-1] if tail else type(exc).__name__)[:500]
+
+
+def _local_absolute(path: str, *, must_exist: bool = False) -> str:
+    """A relative local path made absolute: the JVM resolves relative paths against its own start folder.
+
+    Left alone: URIs (hdfs://, s3a://...), absolute paths, table names, and relative paths that are not
+    local (neither the path nor, for outputs, its folder exists here), which Spark resolves itself.
+    """
+    if "://" in path or path.startswith("/"):
+        return path
+    local = Path(path)
+    if local.exists() or (not must_exist and local.resolve().parent.is_dir()):
+        return str(local.resolve())
+    return path
 
 
 def _default_rejects(output: str) -> str:
