@@ -476,3 +476,22 @@ def test_cors_only_for_configured_origins(trained_home: TrainedHome) -> None:
         assert allowed.headers["access-control-allow-origin"] == "https://tools.example.com"
         other = cors.post("/predict", json=PROTOTYPE, headers={"origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_internal_failure_is_a_json_500_with_details_only_in_the_log(
+    trained_home: TrainedHome, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(_settings(trained_home.home))
+    with TestClient(app) as fresh:
+        holder = app.state.holder
+        # A model that breaks while scoring (here: a pipeline object without predict) stands in for
+        # any unexpected bug below the HTTP layer.
+        broken = Scorer(classes=tuple(schema.LABELS), backend="sklearn", _pipeline=object())
+        holder.install(broken, holder.current.ref)
+        with caplog.at_level("ERROR", logger="custseg.api"):
+            response = fresh.post("/predict", json=PROTOTYPE, headers={"x-request-id": "bug-report-1"})
+    error = assert_error(response, 500, "internal_error")
+    assert error["message"] == "internal error (see the log)"
+    assert "AttributeError" not in response.text
+    (record,) = [r for r in caplog.records if "bug-report-1" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is AttributeError
