@@ -48,6 +48,7 @@ from pydantic import (
     create_model,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from custseg import schema
 from custseg.errors import (
@@ -91,6 +92,8 @@ OPEN_PATHS = frozenset(
 
 KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score", "/feedback"})
 RID_HEADER = b"x-request-id"
+CLIENT_CLOSED = 499
+"""Status recorded in metrics and the access log when the client left mid-request (nginx's convention)."""
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
 _METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
@@ -634,6 +637,10 @@ class ApiMiddleware:
                 await _send_error(send_with_id, early, request_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
+        except ClientDisconnect:
+            # The client left before sending its whole body: nothing to answer, and not a server error.
+            status_holder[0] = CLIENT_CLOSED
+            logger.info("request %s: the client disconnected before the body was complete", request_id)
         except Exception as exc:
             if isinstance(exc, CustsegError):
                 logger.info("request %s refused: %s", request_id, exc)

@@ -417,3 +417,20 @@ def test_insecure_public_bind_with_two_workers(serving_home: ServingHome, tmp_pa
         assert stop_server(server) == 0
     served = [line for line in server.access_lines() if line["path"] == "/predict"]
     assert len(served) == 40 and all(line["model_version"] == "1" for line in served)
+
+
+@pytest.mark.timeout(60)
+def test_client_leaving_mid_body_is_not_a_server_error(started: Server) -> None:
+    sock = _send_partial(started.port, PROTOTYPE, 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    time.sleep(0.2)
+    sock.close()
+
+    def logged() -> bool:
+        return any(line["request_id"] == "in-flight-20" for line in started.access_lines())
+
+    wait_until(logged, 10, "the access line of the abandoned request")
+    (line,) = [line for line in started.access_lines() if line["request_id"] == "in-flight-20"]
+    assert line["status"] == 499
+    assert "Traceback" not in started.log_text()
+    assert httpx.post(f"{started.url}/predict", content=PROTOTYPE, timeout=5).status_code == 200
