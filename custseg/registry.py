@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -83,8 +84,16 @@ def connect(settings: Settings) -> MlflowClient:
     if settings.tracking_uri is None:
         settings.home.mkdir(parents=True, exist_ok=True)
         settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    # MLflow also exports these URIs as environment variables, which would leak into later Settings()
+    # and into child processes (a test's or the user's); keep the process environment as it was.
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -82,3 +82,16 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedHo
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_environment() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` / `set_registry_uri` export environment variables; undo that per test."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {key: os.environ.get(key) for key in keys}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
