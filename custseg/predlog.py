@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,11 +442,28 @@ class PredictionLog:
 
     # -- feedback ---------------------------------------------------------------------------------
 
+    @contextmanager
+    def _database(self, action: str) -> Iterator[None]:
+        """Turn driver errors (database down, wrong URL) into one clear message without a traceback."""
+        try:
+            yield
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            self._schema_ready = False
+            where = sa.engine.make_url(self.url).render_as_string(hide_password=True)
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            raise PredictionLogError(
+                f"cannot {action} the prediction log at {where}: {first[0] if first else type(exc).__name__}"
+            ) from None
+
     def record_feedback(self, records: Sequence[Mapping[str, Any]]) -> FeedbackResult:
         """Store true segments. All ids must name logged predictions (else nothing is written and
         :class:`UnknownFeedbackError` lists them); keys already recorded are reported, not rewritten."""
         rows = feedback_rows(records, time.time())
         self.flush()
+        with self._database("write feedback to"):
+            return self._record_feedback(rows)
+
+    def _record_feedback(self, rows: list[dict[str, Any]]) -> FeedbackResult:
         self.ensure_schema()
         p, fb = self.predictions, self.feedback
         request_keys = {(r["request_id"], r["row_index"]) for r in rows if r["request_id"] is not None}
@@ -500,6 +518,17 @@ class PredictionLog:
         """Logged predictions with ``since <= ts < until`` (epoch seconds), oldest first, with the
         true segment from feedback (by request id and row, else by customer id) in ``true_segment``
         (``labelled_only``: only rows that have one)."""
+        with self._database("read"):
+            return self._window(since, until, model_version, labelled_only, limit)
+
+    def _window(
+        self,
+        since: float | None,
+        until: float | None,
+        model_version: str | None,
+        labelled_only: bool,
+        limit: int | None,
+    ) -> pd.DataFrame:
         self.ensure_schema()
         p, fb = self.predictions, self.feedback
         by_request = fb.alias("fb_request")
@@ -535,9 +564,12 @@ class PredictionLog:
         return _typed_window(frame)
 
     def count(self) -> int:
-        self.ensure_schema()
-        with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(self.predictions)).scalar_one())
+        with self._database("read"):
+            self.ensure_schema()
+            with self.engine.connect() as conn:
+                return int(
+                    conn.execute(sa.select(sa.func.count()).select_from(self.predictions)).scalar_one()
+                )
 
     def drop_tables(self) -> None:
         """Remove this log's tables (used by tests that share a database)."""

@@ -26,11 +26,11 @@ from custseg.api import create_app
 from custseg.cli import app as cli_app
 from custseg.data import generate
 from custseg.errors import DataValidationError
-from custseg.predlog import PredictionLog, UnknownFeedbackError
+from custseg.predlog import PredictionLog, PredictionLogError, UnknownFeedbackError
 from custseg.settings import Settings
 
 from .conftest import TrainedHome
-from .monitoring_support import PG_URL, TcpProxy, app_server, custseg_serve, metric_value, records
+from .monitoring_support import PG_URL, TcpProxy, app_server, custseg_serve, free_port, metric_value, records
 
 ROWS = generate(200, seed=3)
 
@@ -495,3 +495,23 @@ def test_feedback_endpoint(trained_home: TrainedHome, tmp_path: Path) -> None:
     with app_server(create_app(settings)) as url:  # no prediction log: feedback cannot be stored
         disabled = httpx.post(f"{url}/feedback", json={"request_id": "x", "customer_segment": "low_value"})
         assert disabled.status_code == 503 and "disabled" in disabled.json()["message"]
+
+
+def test_unreachable_database_is_one_clear_error(trained_home: TrainedHome, tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{free_port()}/test"  # nothing listens there
+    log = PredictionLog(url)
+    for call in (
+        log.window,
+        log.count,
+        lambda: log.record_feedback([{"request_id": "r", "customer_segment": "low_value"}]),
+    ):
+        with pytest.raises(PredictionLogError) as caught:
+            call()
+        message = str(caught.value)
+        assert "prediction log at postgresql+psycopg://postgres:***@127.0.0.1" in message
+        assert "s3cret" not in message and "Connection refused" in message
+    log.close()
+    env = _serve_env(trained_home, tmp_path / "home", CUSTSEG_PREDICTION_LOG_URL=url)
+    result = CliRunner().invoke(cli_app, ["monitor", "--no-mlflow"], env=env)
+    assert result.exit_code != 0 and isinstance(result.exception, PredictionLogError)
+    assert "***" in str(result.exception)
