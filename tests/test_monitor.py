@@ -23,6 +23,7 @@ from custseg.data import Drift, generate
 from custseg.monitor import (
     DriftThresholds,
     categorical_drift,
+    daily_performance,
     drift_report,
     jensen_shannon_distance,
     monitored_prediction_log,
@@ -198,6 +199,23 @@ def test_realised_performance_from_true_segments() -> None:
     # macro-F1: high 1.0, medium 2/3 (p 0.5, r 1), low 2/3 (p 1, r 0.5)
     assert perf["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
     assert realised_performance(window.iloc[4:]) == {"n_feedback": 0.0}
+
+
+def test_daily_performance_splits_by_utc_day() -> None:
+    day1, day2 = 1_795_996_800.0, 1_796_083_200.0  # 2026-11-30 and 2026-12-01, 00:00 UTC
+    window = pd.DataFrame(
+        {
+            "ts": [day1 + 10, day1 + 86_399, day2 + 5, day2 + 6, day2 + 7],
+            "label": ["high_value", "medium_value", "low_value", "low_value", "medium_value"],
+            "true_segment": ["high_value", "high_value", "low_value", None, "medium_value"],
+        }
+    )
+    daily = daily_performance(window)
+    assert daily["day"].tolist() == ["2026-11-30", "2026-12-01"]
+    assert daily["n_feedback"].tolist() == [2.0, 2.0]
+    assert daily["accuracy"].tolist() == [0.5, 1.0]
+    assert daily["recall_high_value"].iloc[0] == 0.5
+    assert daily_performance(window.assign(true_segment=None)).empty
 
 
 # -- the monitor command on a file -----------------------------------------------------------------
