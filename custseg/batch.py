@@ -122,7 +122,8 @@ def output_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
         [
             (ID_COLUMN, pa.string()),
             (SEGMENT_COLUMN, pa.string()),
-            *[(f"proba_{c}", pa.float64()) for c in classes],
+            # float32: the model's own precision (ONNX Runtime), and CSV output without float noise.
+            *[(f"proba_{c}", pa.float32()) for c in classes],
             (VERSION_COLUMN, pa.string()),
         ]
     )
@@ -193,7 +194,7 @@ def score_chunk(
     )
     arrays: list[pa.Array] = [pa.array(ids_ok, type=pa.string()), pa.array(scores.labels, type=pa.string())]
     for j in range(len(scorer.classes)):
-        arrays.append(pa.array(scores.probabilities[:, j], type=pa.float64()))
+        arrays.append(pa.array(scores.probabilities[:, j].astype(np.float32), type=pa.float32()))
     arrays.append(pa.array(np.full(len(typed), model_version, dtype=object), type=pa.string()))
     output = pa.Table.from_arrays(arrays, schema=output_schema(scorer.classes))
     rejects = pd.DataFrame(
@@ -299,7 +300,12 @@ class _Source:
         else:
             names = self._csv_header()
             self._size = max(1, path.stat().st_size)
+            # Progress = rows read x mean row size: the file position runs ahead (pyarrow's read-ahead).
+            with path.open("rb") as f:
+                head = f.read(1 << 20)
+            self._bytes_per_row = len(head) / max(1, head.count(b"\n"))
         _check_columns(names, path)
+        self._id_index = names.index(ID_COLUMN)
 
     def _csv_header(self) -> list[str]:
         try:
@@ -338,7 +344,7 @@ class _Source:
             raise _unreadable(self.path, "Parquet", exc) from None
 
     def _csv_chunks(self) -> Iterator[_Chunk]:
-        malformed: list[tuple[int, str]] = []  # (data row, text), in file order
+        malformed: list[tuple[int, str, str]] = []  # (data row, customer_id, reason), in file order
 
         def on_invalid(row: Any) -> str:
             # With use_threads=False pyarrow numbers records (header = 1, blank lines not counted).
@@ -347,7 +353,9 @@ class _Source:
             reason = (
                 f"malformed record: {row.actual_columns} fields, expected {row.expected_columns} ({text!r})"
             )
-            malformed.append((number, reason))
+            fields = next(csv.reader([row.text]), [])
+            customer_id = fields[self._id_index].strip() if self._id_index < len(fields) else ""
+            malformed.append((number, customer_id, reason))
             return "skip"
 
         block = _CSV_BLOCK_BYTES
@@ -371,7 +379,7 @@ class _Source:
 
             def cut(part: pa.Table) -> _Chunk:
                 nonlocal parsed, reported
-                skipped = np.asarray([n for n, _ in malformed if n >= 0], dtype=np.int64)
+                skipped = np.asarray([m[0] for m in malformed if m[0] >= 0], dtype=np.int64)
                 parsed_index = np.arange(parsed + 1, parsed + part.num_rows + 1, dtype=np.int64)
                 # The k-th parsed record is the k-th input row not in the (sorted) skipped list.
                 shift = np.searchsorted(skipped - np.arange(len(skipped)), parsed_index, side="right")
@@ -380,9 +388,8 @@ class _Source:
                 last = int(rows[-1]) if len(rows) else 0
                 due = [m for m in malformed[reported:] if m[0] <= last]
                 reported += len(due)
-                assert self._file is not None
-                fraction = min(1.0, self._file.tell() / self._size)
-                return _Chunk(part.to_pandas(), rows, [(n, "", r) for n, r in due], fraction)
+                fraction = min(1.0, (parsed + len(malformed)) * self._bytes_per_row / self._size)
+                return _Chunk(part.to_pandas(), rows, due, fraction)
 
             # Small blocks gathered into chunks: pyarrow reads dozens of blocks ahead, so the block
             # size (not the chunk size) bounds that read-ahead memory.
@@ -405,7 +412,7 @@ class _Source:
                 yield _Chunk(
                     pd.DataFrame(columns=list(INPUT_COLUMNS)),
                     np.zeros(0, np.int64),
-                    [(n, "", r) for n, r in rest],
+                    rest,
                 )
         except pa.ArrowException as exc:
             raise _unreadable(self.path, "CSV", exc) from None

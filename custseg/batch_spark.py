@@ -199,6 +199,8 @@ def score_dataframe(frame: DataFrame, bundle: ModelBundle, broadcast: Any = None
 
 
 def _spark_type(arrow_type: pa.DataType) -> str:
+    if pa.types.is_float32(arrow_type):
+        return "float"
     return "double" if pa.types.is_floating(arrow_type) else "string"
 
 
