@@ -9,6 +9,7 @@ Invalid input raises MLflow's INVALID_PARAMETER_VALUE error naming each row and 
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
@@ -38,7 +39,9 @@ class CustomerSegmentModel(PythonModel):
             raise MlflowException.invalid_parameter_value(str(exc)) from exc
         scores = self.scorer.score_frame(clean)
         if (params or {}).get("output") == "probabilities":
-            out = pd.DataFrame(scores.probabilities, columns=[f"proba_{c}" for c in scores.classes])
+            # Rounded like the API's answer: ONNX computes in float32 (1.0000003 is not a probability).
+            rounded = np.round(scores.probabilities, 6)
+            out = pd.DataFrame(rounded, columns=[f"proba_{c}" for c in scores.classes])
             out.insert(0, "prediction", scores.labels)
             return out
         return pd.Series(scores.labels, name="prediction")

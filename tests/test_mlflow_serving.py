@@ -76,6 +76,9 @@ def test_batch_and_probabilities_match_the_pyfunc(mlflow_serving: str, trained_h
     )
     assert list(served.columns) == ["prediction", "proba_high_value", "proba_low_value", "proba_medium_value"]
     assert served["prediction"].tolist() == local["prediction"].tolist()
+    probabilities = served.drop(columns="prediction").to_numpy()
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()  # float32 ONNX sums rounded, not > 1
+    assert abs(probabilities.sum(axis=1) - 1).max() < 1e-5
     pd.testing.assert_frame_equal(
         served.drop(columns="prediction"), local.drop(columns="prediction"), atol=1e-6
     )
