@@ -159,12 +159,12 @@ def _record_model() -> type[BaseModel]:
             description="Optional identifier, echoed back in `customer_ids` and kept in the prediction log.",
         ),
     )
-    return create_model(  # type: ignore[no-any-return,call-overload]
+    return create_model(
         "CustomerRecord",
         __config__=ConfigDict(
             extra="forbid",
             allow_inf_nan=False,
-            json_schema_extra={"examples": [schema.EXAMPLE_RECORD]},
+            json_schema_extra={"examples": [dict[str, Any](schema.EXAMPLE_RECORD)]},
         ),
         __doc__="One customer: the ten raw features of custseg.schema (and an optional customer_id).",
         **fields,
@@ -735,6 +735,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     },
     503: {"model": ErrorResponse, "description": "No model is loaded yet."},
 }
+_FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{k: _ERRORS[k] for k in (400, 401, 413, 422)},
+    404: {"model": ErrorResponse, "description": "Ids with no logged prediction; nothing written."},
+}
 
 
 def _request_body_spec(max_rows: int) -> dict[str, Any]:
@@ -860,7 +864,7 @@ def create_app(
             score,
             methods=["POST"],
             response_model=PredictionResponse,
-            responses=_ERRORS,  # type: ignore[arg-type]
+            responses=_ERRORS,
             openapi_extra=body_spec,
             summary="Score one customer or a batch",
             description=(
@@ -876,8 +880,7 @@ def create_app(
     @app.post(
         "/feedback",
         response_model=FeedbackResponse,
-        responses={k: _ERRORS[k] for k in (400, 401, 413, 422)}
-        | {404: {"model": ErrorResponse, "description": "Ids with no logged prediction; nothing written."}},
+        responses=_FEEDBACK_ERRORS,
         openapi_extra=_feedback_body_spec(),
         tags=["monitoring"],
         summary="Record true segments learned later",

@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -353,7 +353,8 @@ def monitor(
     settings = Settings()
     given = {"p_value": p_value, "psi": psi, "psi_warn": psi_warn, "effect": effect, "min_rows": min_rows}
     thresholds = replace(
-        DriftThresholds.from_settings(settings), **{k: v for k, v in given.items() if v is not None}
+        DriftThresholds.from_settings(settings),
+        **{k: v for k, v in given.items() if v is not None},  # type: ignore[arg-type]
     )
     result = run_monitor(
         settings,
@@ -392,7 +393,7 @@ def _json_safe(value: object) -> object:
     return value
 
 
-def _print_monitor_table(report: dict) -> None:  # type: ignore[type-arg]
+def _print_monitor_table(report: dict[str, Any]) -> None:
     model = report.get("model", {})
     title = (
         f"drift: {report['n_current']:,} rows from {report.get('source', '')} vs "

@@ -26,10 +26,10 @@ class CustomerSegmentModel(PythonModel):
 
     scorer: Scorer
 
-    def load_context(self, context):  # type: ignore[no-untyped-def]
+    def load_context(self, context):
         self.scorer = Scorer.from_bundle(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context, model_input, params=None):
         # No type hints here: MLflow would try to derive a second signature from them.
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         features = [c for c in frame.columns if c in schema.FEATURES_BY_NAME]

@@ -19,7 +19,7 @@ import numbers
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,11 @@ logger = logging.getLogger(__name__)
 
 PROBA_PREFIX = "proba_"
 TRUE_COLUMN = "true_segment"
-_SQL_TYPES = {"int": sa.BigInteger, "float": sa.Double, "category": lambda: sa.String(16)}
+_SQL_TYPES: dict[str, Callable[[], Any]] = {
+    "int": sa.BigInteger,
+    "float": sa.Double,
+    "category": lambda: sa.String(16),
+}
 
 
 class PredictionLogError(CustsegError):
@@ -181,7 +185,7 @@ def _whole_number(value: Any) -> int | None:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return None
@@ -478,7 +482,7 @@ class PredictionLog:
             known_customers: set[str] = set()
             for chunk in _chunks(sorted(customers), 500):
                 found = conn.execute(sa.select(p.c.customer_id).where(p.c.customer_id.in_(chunk)).distinct())
-                known_customers.update(str(a) for (a,) in found)
+                known_customers.update(str(row[0]) for row in found)
             unknown = [
                 f"request_id {rid}" + (f" row {idx}" if idx else "")
                 for rid, idx in sorted(request_keys - known_requests)
@@ -490,7 +494,7 @@ class PredictionLog:
             existing: set[str] = set()
             for chunk in _chunks(sorted(set(keys)), 500):
                 found = conn.execute(sa.select(fb.c.feedback_key).where(fb.c.feedback_key.in_(chunk)))
-                existing.update(str(a) for (a,) in found)
+                existing.update(str(row[0]) for row in found)
             fresh: dict[str, dict[str, Any]] = {}
             duplicates: list[str] = []
             for row in rows:

@@ -251,7 +251,7 @@ def _log_run_contents(
     sample.to_parquet(sample_path, index=False)
     mlflow.log_artifact(str(sample_path), "reference")
     try:
-        dataset = mlflow.data.from_pandas(
+        dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]
             frame, source=data_source, name=Path(data_source).name, targets=schema.LABEL_COLUMN
         )
         mlflow.log_input(dataset, context="training")
