@@ -195,7 +195,12 @@ def score_dataframe(frame: DataFrame, bundle: ModelBundle, broadcast: Any = None
         broadcast = spark.sparkContext.broadcast(bundle.files)
     schema = ", ".join(f"`{f.name}` {_spark_type(f.type)}" for f in result_schema(bundle.classes))
     run = _score_partition(broadcast, bundle.digest, bundle.version, bundle.classes)
-    return frame.select(*INPUT_COLUMNS).mapInArrow(run, schema)
+    frame = frame.select(*INPUT_COLUMNS)
+    parallelism = spark.sparkContext.defaultParallelism
+    if frame.rdd.getNumPartitions() < parallelism:
+        # A small input (one file, one partition) would otherwise be scored by one core.
+        frame = frame.repartition(parallelism)
+    return frame.mapInArrow(run, schema)
 
 
 def _spark_type(arrow_type: pa.DataType) -> str:

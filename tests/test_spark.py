@@ -79,7 +79,7 @@ def test_spark_gives_the_local_engines_labels_on_parquet(
     assert remote[ID_COLUMN].tolist() == local[ID_COLUMN].tolist()
     assert (remote["segment"] == local["segment"]).all()
     probability = [f"proba_{c}" for c in scorer.classes]
-    np.testing.assert_allclose(remote[probability].to_numpy(), local[probability].to_numpy(), atol=1e-12)
+    np.testing.assert_array_equal(remote[probability].to_numpy(), local[probability].to_numpy())
     assert set(remote["model_version"]) == {bundle.version}
     assert summary.rows_scored == 20_000 and summary.rows_rejected == 0 and summary.engine == "spark"
     assert (
