@@ -523,7 +523,8 @@ def score(
         str | None, typer.Option("--model", help="Model URI (default models:/customer-segments@champion).")
     ] = None,
     rejects: Annotated[
-        str | None, typer.Option("--rejects", help="Rejected rows file (default <out stem>.rejects.csv).")
+        str | None,
+        typer.Option("--rejects", help="Rejects file (default <out stem>.rejects.csv; Spark: .parquet)."),
     ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Stop at the first bad row (exit 2) instead of rejecting it.")
