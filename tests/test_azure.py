@@ -27,6 +27,7 @@ SCORE_SCRIPT = REPO / "deploy" / "azureml" / "score.py"
 AZMLINFSRV = Path(sys.executable).parent / "azmlinfsrv"
 
 MAX_ROWS = 20
+MAX_BODY_BYTES = 20_000
 
 
 def _download_version(trained: TrainedHome, dst: Path) -> Path:
@@ -52,6 +53,7 @@ def azure_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         **os.environ,
         "AZUREML_MODEL_DIR": str(model_dir),
         "CUSTSEG_MAX_BATCH_ROWS": str(MAX_ROWS),
+        "CUSTSEG_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
         # gunicorn 26 opens a control socket under ~/.gunicorn; parallel test servers would share it
         "GUNICORN_CMD_ARGS": "--no-control-socket",
     }
@@ -166,8 +168,13 @@ def test_bad_inputs_get_json_errors_with_field_and_reason(azure_server: str) -> 
     scalar = _assert_clean_error(_post(azure_server, b"42"), 422)
     assert "object" in scalar["errors"][0]["reason"]
 
-    too_many = _assert_clean_error(_post(azure_server, json.dumps([record] * (MAX_ROWS + 1))), 413)
-    assert str(MAX_ROWS) in too_many["message"]
+    too_many = _assert_clean_error(_post(azure_server, json.dumps([record] * (MAX_ROWS + 1))), 422)
+    assert f"the limit is {MAX_ROWS}" in too_many["errors"][0]["reason"]
+
+    big = json.dumps([{**record, "customer_id": "x" * 100}] * 200)
+    assert len(big) > MAX_BODY_BYTES
+    too_big = _assert_clean_error(_post(azure_server, big), 413)
+    assert too_big["error"] == "too_large" and str(MAX_BODY_BYTES) in too_big["message"]
 
 
 def _load_entry_script() -> ModuleType:
