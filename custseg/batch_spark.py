@@ -326,7 +326,11 @@ def _temp_name(path: str, tag: str) -> str:
 def _hadoop_fs(spark: SparkSession, path: str) -> tuple[Any, Any]:
     # Renames must go through Hadoop's FileSystem so that hdfs://, s3a:// etc. work like local paths;
     # pyspark exposes it only through the JVM gateway.
-    jvm = spark._jvm
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        raise SparkJobError(
+            "The Spark engine needs a classic Spark session with a JVM (Spark Connect is not supported)."
+        )
     hpath = jvm.org.apache.hadoop.fs.Path(path)
     return hpath.getFileSystem(spark._jsc.hadoopConfiguration()), hpath
 
