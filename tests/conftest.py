@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 from sklearn.ensemble import RandomForestClassifier
@@ -90,6 +91,9 @@ def _restore_mlflow_environment() -> Iterator[None]:
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     saved = {key: os.environ.get(key) for key in keys}
     yield
+    # ...and keep their process-wide URIs from pointing the next test at this test's registry
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -19,6 +19,7 @@ import pytest
 
 from custseg.data import generate
 from custseg.errors import ModelLoadError, ModelNotFoundError
+from custseg.registry import connect
 
 from .conftest import REPO, TrainedHome
 from .servers import PROTOTYPE_BODY, free_port, stop, wait_for_http
@@ -32,7 +33,7 @@ MAX_BODY_BYTES = 20_000
 
 def _download_version(trained: TrainedHome, dst: Path) -> Path:
     """The registered version's folder, as `az ml model create --path` would upload it."""
-    mlflow.set_tracking_uri(trained.settings.effective_tracking_uri)
+    connect(trained.settings)  # tracking and registry both (a bare set_tracking_uri leaves the latter)
     version = trained.registration.model.version
     return Path(
         mlflow.artifacts.download_artifacts(f"models:/customer-segments/{version}", dst_path=str(dst))
@@ -115,7 +116,7 @@ def test_batch_matches_the_registry_model(azure_server: str, trained_home: Train
     assert response.status_code == 200, response.text
     labels = response.json()["prediction"]
 
-    mlflow.set_tracking_uri(trained_home.settings.effective_tracking_uri)
+    connect(trained_home.settings)
     pyfunc = mlflow.pyfunc.load_model("models:/customer-segments@champion")
     expected = pyfunc.predict(pd.DataFrame(records))
     assert labels == ["medium_value", *list(expected)]

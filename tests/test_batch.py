@@ -25,6 +25,7 @@ from custseg.batch import EXIT_REJECTED, BatchProgress, score_file
 from custseg.data import generate, write_generated
 from custseg.errors import DataError, DataValidationError
 from custseg.predict import Scorer
+from custseg.registry import connect
 from custseg.schema import FEATURE_NAMES, ID_COLUMN
 
 from .conftest import TrainedHome
@@ -39,6 +40,7 @@ def bundle_dir(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFacto
     """The champion's bundle folder, downloaded once (subprocesses load it without MLflow)."""
     dst = tmp_path_factory.mktemp("bundle")
     uri = f"{trained_home.registration.model.uri}/artifacts/bundle"
+    connect(trained_home.settings)  # models:/ URIs resolve through the process-wide registry URI
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 

@@ -16,6 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from custseg.data import generate
+from custseg.registry import connect
 
 from .conftest import TrainedHome
 from .servers import PROTOTYPE_BODY, free_port, stop, wait_for_http
@@ -70,7 +71,7 @@ def test_batch_and_probabilities_match_the_pyfunc(mlflow_serving: str, trained_h
     assert response.status_code == 200, response.text
     served = pd.DataFrame(response.json()["predictions"])
 
-    mlflow.set_tracking_uri(trained_home.settings.embedded_tracking_uri)
+    connect(trained_home.settings)
     local = mlflow.pyfunc.load_model("models:/customer-segments@champion").predict(
         rows, params={"output": "probabilities"}
     )
@@ -112,7 +113,7 @@ def test_bad_records_get_400_naming_row_and_column(mlflow_serving: str) -> None:
 
 def test_pyfunc_accepts_a_frame_of_the_prototype_record(trained_home: TrainedHome) -> None:
     """Regression: MLflow refuses int64 -> double; pd.DataFrame([prototype record]) failed its schema."""
-    mlflow.set_tracking_uri(trained_home.settings.embedded_tracking_uri)
+    connect(trained_home.settings)
     model = mlflow.pyfunc.load_model("models:/customer-segments@champion")
     frame = pd.DataFrame([json.loads(PROTOTYPE_BODY)])
     assert frame["total_spent"].dtype == "int64"

@@ -6,6 +6,7 @@ challenger and is not served."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def test_drift_found_retrained_promoted_and_served(tmp_path: Path) -> None:
         for start in range(0, len(traffic), 100):
             response = client.post("/predict", json=records(traffic.iloc[start : start + 100]))
             assert response.status_code == 200 and response.json()["model"]["version"] == "1"
+
+        # the log is written off the request path (flush every 0.2 s): wait until all 600 rows landed
+        _wait_for_logged_rows(home / "predictions.db", 600)
 
         # 1. drift found in the prediction log, exit 1 for cron/CI, a monitoring run in MLflow
         found = runner.invoke(cli_app, ["monitor", "--format", "json", "--fail-on-drift"], env=env)
@@ -113,3 +117,19 @@ def test_drift_found_retrained_promoted_and_served(tmp_path: Path) -> None:
     )
     assert served["n_current"] == 1 and served["status"] == "insufficient_data"
     assert served["model"]["version"] == "2"
+
+
+def _wait_for_logged_rows(db: Path, rows: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        if db.exists():
+            with sqlite3.connect(db) as conn:
+                try:
+                    count = conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
+                except sqlite3.OperationalError:  # table not created yet
+                    count = -1
+            if count >= rows:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"prediction log holds {count} rows after {timeout} s, expected {rows}")

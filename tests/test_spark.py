@@ -17,6 +17,7 @@ from custseg.batch_spark import ModelBundle, SparkJobError, load_bundle, score_s
 from custseg.data import generate, write_generated
 from custseg.errors import DataError
 from custseg.predict import Scorer
+from custseg.registry import connect
 from custseg.schema import FEATURE_NAMES, ID_COLUMN
 
 from .conftest import TrainedHome
@@ -55,6 +56,7 @@ def bundle(trained_home: TrainedHome) -> ModelBundle:
 @pytest.fixture(scope="module")
 def scorer(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFactory) -> Scorer:
     uri = f"{trained_home.registration.model.uri}/artifacts/bundle"
+    connect(trained_home.settings)  # models:/ URIs resolve through the process-wide registry URI
     folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path_factory.mktemp("b")))
     return Scorer.from_bundle(folder)
 
