@@ -41,8 +41,15 @@ format: setup
 	$(BIN)/ruff format custseg tests bench deploy
 	$(BIN)/ruff check --fix custseg tests bench deploy
 
+# Every benchmark (tens of minutes); each prints ours, its baseline from the same run, and the ratio.
 bench: setup
-	$(BIN)/python bench/bench_generate.py
+	@command -v wrk >/dev/null || { echo "bench_api needs wrk: apt-get install -y wrk"; exit 1; }
+	$(BIN)/python bench/bench_generate.py --rows 10000000
+	$(BIN)/python bench/bench_quality.py
+	$(BIN)/python bench/bench_inspect.py
+	$(BIN)/python bench/bench_drift_false_alarms.py
+	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_api.py
 
 ui: setup
 	$(BIN)/custseg ui
