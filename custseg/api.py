@@ -855,7 +855,7 @@ def create_app(
             for label, count in Tally(labels).items():
                 metrics.predictions.labels(label).inc(count)
         if plog is not None:
-            plog.submit(_log_entries(records, scores, loaded, request_id, scope.get("custseg.started")))
+            _submit_log(plog, records, scores, loaded, request_id, scope.get("custseg.started"))
         return Response(orjson.dumps(payload), media_type=_JSON)
 
     for path in ("/predict", "/score"):
@@ -969,6 +969,35 @@ def create_app(
             expose_headers=["X-Request-ID"],
         )
     return app
+
+
+def _submit_log(
+    plog: PredictionLog,
+    records: list[Any],
+    scores: Scores,
+    loaded: LoadedModel,
+    request_id: str,
+    started: float | None,
+) -> None:
+    """Hand one answered request to the log: as one compact tuple when the log takes it (rows are built
+    in its writer thread), else as per-row entries."""
+    latency_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+    submit_scored = getattr(plog, "submit_scored", None)
+    if submit_scored is None:
+        plog.submit(_log_entries(records, scores, loaded, request_id, started))
+        return
+    ref = loaded.ref
+    submit_scored(
+        request_id,
+        time.time(),
+        ref.name,
+        ref.version,
+        records,
+        scores.labels,
+        scores.probabilities,
+        scores.classes,
+        latency_ms,
+    )
 
 
 def _log_entries(

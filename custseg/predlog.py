@@ -13,9 +13,11 @@ loss) the rows not yet written are lost: at most about ``flush_seconds`` of traf
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
+import operator
 import threading
 import time
 from collections import deque
@@ -134,6 +136,127 @@ def entries_to_rows(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
+_FEATURE_VALUES = operator.attrgetter(*schema.FEATURE_NAMES)
+_N_FEATURES = len(schema.FEATURE_NAMES)
+
+
+@functools.lru_cache(maxsize=64)
+def _label_positions(classes: tuple[str, ...]) -> tuple[int | None, ...]:
+    """Where each of schema.LABELS sits among a model's probability columns (None: not there)."""
+    return tuple(classes.index(label) if label in classes else None for label in schema.LABELS)
+
+
+def scored_rows(
+    request_id: str,
+    ts: float,
+    model_name: str,
+    model_version: str,
+    records: Sequence[Any],
+    labels: Any,
+    probabilities: Any,
+    classes: Sequence[str],
+    latency_ms: float | None,
+) -> list[tuple[Any, ...]]:
+    """One request's table rows (predictions columns in table order, without ``id``)."""
+    picks = _label_positions(tuple(classes))
+    meta = (float(ts), str(model_name), str(model_version))
+    rid = str(request_id)
+    latency = None if latency_ms is None else float(latency_ms)
+    rows = []
+    for i, (record, label, p) in enumerate(
+        zip(records, _tolist(labels), _tolist(probabilities), strict=True)
+    ):
+        customer = record.customer_id
+        rows.append(
+            (
+                rid,
+                i,
+                *meta,
+                None if customer is None else str(customer),
+                *_FEATURE_VALUES(record),
+                str(label),
+                *[None if j is None else float(p[j]) for j in picks],
+                latency,
+            )
+        )
+    return rows
+
+
+def _row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Built rows in :meth:`PredictionLog.submit`'s entry form (what companions observe)."""
+    names, labels, nf = schema.FEATURE_NAMES, schema.LABELS, _N_FEATURES
+    return [
+        {
+            "request_id": r[0],
+            "row_index": r[1],
+            "ts": r[2],
+            "model_name": r[3],
+            "model_version": r[4],
+            "customer_id": r[5],
+            "features": dict(zip(names, r[6 : 6 + nf], strict=True)),
+            "label": r[6 + nf],
+            "probabilities": {k: v for k, v in zip(labels, r[7 + nf : -1], strict=True) if v is not None},
+            "latency_ms": r[-1],
+        }
+        for r in rows
+    ]
+
+
+def scored_entries(
+    request_id: str,
+    ts: float,
+    model_name: str,
+    model_version: str,
+    records: Sequence[Any],
+    labels: Any,
+    probabilities: Any,
+    classes: Sequence[str],
+    latency_ms: float | None,
+) -> list[dict[str, Any]]:
+    """One request as :meth:`PredictionLog.submit` entries (what companions observe)."""
+    return [
+        {
+            "request_id": request_id,
+            "ts": ts,
+            "model_name": model_name,
+            "model_version": model_version,
+            "customer_id": record.customer_id,
+            "features": {name: getattr(record, name) for name in schema.FEATURE_NAMES},
+            "label": label,
+            "probabilities": dict(zip(classes, map(float, p), strict=True)),
+            "latency_ms": latency_ms,
+        }
+        for record, label, p in zip(records, _tolist(labels), _tolist(probabilities), strict=True)
+    ]
+
+
+def _tolist(values: Any) -> list[Any]:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def _positional_insert(engine: Engine, table: sa.Table, columns: Sequence[str]) -> str | None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` with the driver's positional placeholders (None when the
+    driver takes named parameters only)."""
+    dialect = engine.dialect
+    style = dialect.paramstyle
+    if style == "qmark":
+        marks = ["?"] * len(columns)
+    elif style in ("format", "pyformat"):
+        marks = ["%s"] * len(columns)
+    elif style == "numeric":
+        marks = [f":{i}" for i in range(1, len(columns) + 1)]
+    else:
+        return None
+    quote = dialect.identifier_preparer.quote
+    sql = (
+        f"INSERT INTO {dialect.identifier_preparer.format_table(table)} "
+        f"({', '.join(quote(c) for c in columns)}) VALUES ({', '.join(marks)})"
+    )
+    if dialect.name not in ("sqlite", "postgresql"):
+        return None  # other databases: leave the statement to SQLAlchemy Core
+    return sql + " ON CONFLICT DO NOTHING"
+
+
 def feedback_rows(records: Sequence[Mapping[str, Any]], now: float) -> list[dict[str, Any]]:
     """Validate feedback records (request_id [+ row_index] or customer_id, plus customer_segment)."""
     problems: list[Problem] = []
@@ -249,7 +372,13 @@ class PredictionLog:
         self.purged = 0
         self.last_error: str | None = None
         self._companions: list[Any] = []
-        self._buffer: deque[dict[str, Any]] = deque()
+        # Submitted, not yet turned into rows: (rows, scored request or None, entries or None).
+        self._pending: deque[tuple[int, tuple[Any, ...] | None, list[dict[str, Any]] | None]] = deque()
+        self._rows: list[tuple[Any, ...]] = []  # rows built by the writer, kept until committed
+        self._backlog = 0  # rows in _pending and _rows
+        self._drain_lock = threading.Lock()
+        self._columns = [c.name for c in self.predictions.columns if c.name != "id"]
+        self._insert_sql: tuple[Engine, str | None] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -317,12 +446,14 @@ class PredictionLog:
             except Exception:  # monitoring must never break serving
                 logger.exception("prediction log companion failed")
         with self._lock:
-            room = self.max_rows - len(self._buffer)
+            room = self.max_rows - self._backlog
             accepted = entries if len(entries) <= room else entries[: max(room, 0)]
-            self._buffer.extend(accepted)
+            if accepted:
+                self._pending.append((len(accepted), None, accepted))
+                self._backlog += len(accepted)
             self.submitted += len(accepted)
             self.dropped += len(entries) - len(accepted)
-            if len(self._buffer) >= self.batch_rows:
+            if self._backlog >= self.batch_rows:
                 self._wake.notify()
         if len(accepted) < len(entries):
             logger.warning(
@@ -331,10 +462,48 @@ class PredictionLog:
                 len(entries) - len(accepted),
             )
 
+    def submit_scored(
+        self,
+        request_id: str,
+        ts: float,
+        model_name: str,
+        model_version: str,
+        records: Sequence[Any],
+        labels: Any,
+        probabilities: Any,
+        classes: Sequence[str],
+        latency_ms: float | None,
+    ) -> None:
+        """Queue one answered request as it is (records with the feature attributes and ``customer_id``,
+        the label array and the probability matrix whose columns follow ``classes``): the cheap hand-off
+        for the API. The writer thread builds the rows (and shows them to the companions); same bound,
+        drop counting and guarantees as :meth:`submit`."""
+        request = (
+            request_id,
+            ts,
+            model_name,
+            model_version,
+            records,
+            labels,
+            probabilities,
+            classes,
+            latency_ms,
+        )
+        n = len(records)
+        with self._lock:
+            if n <= self.max_rows - self._backlog:
+                self._pending.append((n, request, None))
+                self._backlog += n
+                self.submitted += n
+                if self._backlog >= self.batch_rows:
+                    self._wake.notify()
+                return
+        self.submit(scored_entries(*request))  # buffer full (rare): the per-row path counts the drops
+
     @property
     def backlog(self) -> int:
         """Rows accepted but not yet written."""
-        return len(self._buffer)
+        return self._backlog
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is written; False if that took longer than ``timeout``."""
@@ -343,7 +512,7 @@ class PredictionLog:
         deadline = time.monotonic() + timeout
         with self._lock:
             self._wake.notify()
-        while self._buffer:
+        while self._backlog:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
@@ -362,10 +531,10 @@ class PredictionLog:
             thread.join()
         else:
             self._drain_once()
-        if self._buffer:
+        if self._backlog:
             logger.error(
                 "prediction log closed with %d unwritten row(s): the database was unreachable (%s)",
-                len(self._buffer),
+                self._backlog,
                 self.last_error,
             )
         if self._engine is not None:
@@ -378,7 +547,7 @@ class PredictionLog:
         stop_deadline: float | None = None
         while True:
             with self._lock:
-                if not self._stopping and len(self._buffer) < self.batch_rows:
+                if not self._stopping and self._backlog < self.batch_rows:
                     self._wake.wait(timeout=backoff)
                 stopping = self._stopping
             if stopping and stop_deadline is None:
@@ -389,40 +558,77 @@ class PredictionLog:
                 self._maybe_purge()
             else:
                 backoff = min(max(backoff * 2, 0.05), 2.0)
-            if stopping and (not self._buffer or (stop_deadline and time.monotonic() > stop_deadline)):
+            if stopping and (not self._backlog or (stop_deadline and time.monotonic() > stop_deadline)):
                 return
 
     def _drain_once(self) -> bool:
         """Write what is buffered now, batch by batch; False on a database error (rows kept)."""
-        while True:
-            with self._lock:
-                batch = [self._buffer[i] for i in range(min(self.batch_rows, len(self._buffer)))]
-            if not batch:
-                return True
+        with self._drain_lock:
+            while True:
+                self._build_rows()
+                batch = self._rows[: self.batch_rows]
+                if not batch:
+                    return True
+                try:
+                    self._write_rows(batch)
+                except Exception as exc:  # any driver error: keep the rows, count, retry later
+                    self.write_failures += 1
+                    self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    if self.write_failures == 1 or self.write_failures % 100 == 0:
+                        logger.warning(
+                            "prediction log write failed (%d so far, %d rows waiting): %s",
+                            self.write_failures,
+                            self._backlog,
+                            self.last_error,
+                        )
+                    self._schema_ready = False
+                    return False
+                del self._rows[: len(batch)]
+                with self._lock:
+                    self._backlog -= len(batch)
+                    self.written += len(batch)
+
+    def _build_rows(self) -> None:
+        """Turn everything submitted so far into table rows (once; they wait in ``_rows`` until written)."""
+        with self._lock:
+            items = list(self._pending)
+            self._pending.clear()
+        for n, request, entries in items:
             try:
-                self._write(batch)
-            except Exception as exc:  # any driver error: keep the rows, count, retry later
-                self.write_failures += 1
-                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if self.write_failures == 1 or self.write_failures % 100 == 0:
-                    logger.warning(
-                        "prediction log write failed (%d so far, %d rows waiting): %s",
-                        self.write_failures,
-                        len(self._buffer),
-                        self.last_error,
-                    )
-                self._schema_ready = False
-                return False
-            with self._lock:
-                for _ in range(len(batch)):
-                    self._buffer.popleft()
-                self.written += len(batch)
+                if request is not None:
+                    rows = scored_rows(*request)
+                    for companion in self._companions:
+                        try:
+                            companion.observe(_row_entries(rows))
+                        except Exception:  # monitoring must never break logging
+                            logger.exception("prediction log companion failed")
+                else:
+                    rows = [tuple(row[c] for c in self._columns) for row in entries_to_rows(entries or [])]
+            except Exception:  # a malformed entry must not stop the writer: count it as dropped
+                logger.exception("prediction log: dropped %d malformed row(s)", n)
+                with self._lock:
+                    self._backlog -= n
+                    self.dropped += n
+                continue
+            self._rows.extend(rows)
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
-        self.ensure_schema()
         rows = entries_to_rows(entries)
-        with self.engine.begin() as conn:
-            conn.execute(_insert_ignoring_duplicates(self.engine, self.predictions), rows)
+        self._write_rows([tuple(row[c] for c in self._columns) for row in rows])
+
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """One executemany of positional rows (``_columns`` order) straight through the DBAPI driver."""
+        self.ensure_schema()
+        engine = self.engine
+        if self._insert_sql is None or self._insert_sql[0] is not engine:
+            self._insert_sql = (engine, _positional_insert(engine, self.predictions, self._columns))
+        sql = self._insert_sql[1]
+        with engine.begin() as conn:
+            if sql is None:  # a driver with named parameters: SQLAlchemy Core with dicts
+                rows_as_dicts = [dict(zip(self._columns, row, strict=True)) for row in rows]
+                conn.execute(_insert_ignoring_duplicates(engine, self.predictions), rows_as_dicts)
+            else:
+                conn.exec_driver_sql(sql, rows)
 
     def _maybe_purge(self) -> None:
         if self.retention_days <= 0 or time.monotonic() - self._last_purge < self.purge_seconds:
