@@ -18,7 +18,7 @@ import os
 import re
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -265,7 +265,18 @@ class PredictionLog(Protocol):
     """What the API needs from a prediction log (see custseg.predlog)."""
 
     def start(self) -> None: ...
-    def submit(self, entries: list[dict[str, Any]]) -> None: ...
+    def submit_scored(
+        self,
+        request_id: str,
+        ts: float,
+        model_name: str,
+        model_version: str,
+        records: Sequence[Any],
+        labels: Any,
+        probabilities: Any,
+        classes: Sequence[str],
+        latency_ms: float | None,
+    ) -> None: ...
     def close(self) -> None: ...
 
 
@@ -979,15 +990,10 @@ def _submit_log(
     request_id: str,
     started: float | None,
 ) -> None:
-    """Hand one answered request to the log: as one compact tuple when the log takes it (rows are built
-    in its writer thread), else as per-row entries."""
+    """Hand one answered request to the log as one compact tuple (its writer thread builds the rows)."""
     latency_ms = (time.perf_counter() - started) * 1000 if started else 0.0
-    submit_scored = getattr(plog, "submit_scored", None)
-    if submit_scored is None:
-        plog.submit(_log_entries(records, scores, loaded, request_id, started))
-        return
     ref = loaded.ref
-    submit_scored(
+    plog.submit_scored(
         request_id,
         time.time(),
         ref.name,
@@ -998,28 +1004,6 @@ def _submit_log(
         scores.classes,
         latency_ms,
     )
-
-
-def _log_entries(
-    records: list[Any], scores: Scores, loaded: LoadedModel, request_id: str, started: float | None
-) -> list[dict[str, Any]]:
-    now = time.time()
-    latency_ms = (time.perf_counter() - started) * 1000 if started else 0.0
-    probabilities = scores.probability_records()
-    return [
-        {
-            "request_id": request_id,
-            "ts": now,
-            "model_name": loaded.ref.name,
-            "model_version": loaded.ref.version,
-            "customer_id": record.customer_id,
-            "features": {name: getattr(record, name) for name in schema.FEATURE_NAMES},
-            "label": label,
-            "probabilities": proba,
-            "latency_ms": latency_ms,
-        }
-        for record, label, proba in zip(records, scores.labels.tolist(), probabilities, strict=True)
-    ]
 
 
 def _model_details(loaded: LoadedModel) -> dict[str, Any]:

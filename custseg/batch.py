@@ -40,7 +40,14 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from custseg.data import CSV_EXTENSIONS, PARQUET_EXTENSIONS, missing_columns, row_problems, validate_frame
+from custseg.data import (
+    CSV_EXTENSIONS,
+    PARQUET_EXTENSIONS,
+    format_by_extension,
+    missing_columns,
+    row_problems,
+    validate_frame,
+)
 from custseg.errors import DataError, DataValidationError, Problem
 from custseg.predict import Scorer, Scores, to_columns
 from custseg.schema import FEATURE_NAMES, ID_COLUMN
@@ -218,11 +225,8 @@ def _ids(series: pd.Series) -> np.ndarray:
 
 
 def _input_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in CSV_EXTENSIONS:
-        return "csv"
-    if suffix in PARQUET_EXTENSIONS:
-        return "parquet"
+    if fmt := format_by_extension(path):
+        return fmt
     raise DataError(
         f"Cannot read '{path}': unknown file extension '{path.suffix or '(none)'}'. `custseg score` reads "
         f"CSV ({', '.join(CSV_EXTENSIONS)}) and Parquet ({', '.join(PARQUET_EXTENSIONS)}) files, chosen "
@@ -235,11 +239,8 @@ def _output_format(path: Path, fmt: str | None) -> str:
         if fmt not in ("csv", "parquet"):
             raise DataError(f"Unknown output format {fmt!r}: use csv or parquet.")
         return fmt
-    suffix = path.suffix.lower()
-    if suffix in CSV_EXTENSIONS:
-        return "csv"
-    if suffix in PARQUET_EXTENSIONS:
-        return "parquet"
+    if by_extension := format_by_extension(path):
+        return by_extension
     raise DataError(
         f"Cannot tell the output format of '{path}' from its extension: name it .csv or .parquet, "
         "or pass --format csv|parquet."

@@ -72,6 +72,7 @@ __all__ = [
     "check_ids",
     "check_labels",
     "drift_from_options",
+    "format_by_extension",
     "generate",
     "generate_file",
     "label_customers",
@@ -95,12 +96,19 @@ _EXAMPLES_SHOWN = 3
 # --------------------------------------------------------------------------------------------------
 
 
-def _file_format(path: Path) -> str:
+def format_by_extension(path: Path) -> str | None:
+    """``"csv"`` or ``"parquet"`` by the file's extension (any case); None for any other extension."""
     suffix = path.suffix.lower()
     if suffix in CSV_EXTENSIONS:
         return "csv"
     if suffix in PARQUET_EXTENSIONS:
         return "parquet"
+    return None
+
+
+def _file_format(path: Path) -> str:
+    if fmt := format_by_extension(path):
+        return fmt
     raise DataError(
         f"Cannot read '{path}': unknown file extension '{path.suffix or '(none)'}'. custseg reads CSV "
         f"and Parquet files and chooses by extension ({_SUPPORTED}); rename the file or convert it to "

@@ -36,11 +36,10 @@ import pyarrow.parquet as pq
 
 from custseg import schema
 from custseg.data import (
-    CSV_EXTENSIONS,
-    PARQUET_EXTENSIONS,
     check_feature,
     check_ids,
     check_labels,
+    format_by_extension,
     load_table,
     missing_columns,
     unknown_columns,
@@ -692,10 +691,10 @@ def read_chunks(
     path = Path(path)
     if not path.is_file() or path.stat().st_size <= stream_above_bytes:
         return iter([load_table(path)]), False
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_EXTENSIONS:
+    fmt = format_by_extension(path)
+    if fmt == "parquet":
         return _parquet_chunks(path, chunk_rows), False
-    if suffix in CSV_EXTENSIONS:
+    if fmt == "csv":
         return _csv_chunks(path), True
     return iter([load_table(path)]), False  # load_table explains the unknown extension
 

@@ -44,9 +44,6 @@ class Scores:
     probabilities: np.ndarray
     classes: tuple[str, ...]
 
-    def probability_records(self) -> list[dict[str, float]]:
-        return [dict(zip(self.classes, map(float, row), strict=True)) for row in self.probabilities]
-
 
 # -- building a bundle (training time) -------------------------------------------------------------
 

@@ -202,34 +202,6 @@ def _row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
     ]
 
 
-def scored_entries(
-    request_id: str,
-    ts: float,
-    model_name: str,
-    model_version: str,
-    records: Sequence[Any],
-    labels: Any,
-    probabilities: Any,
-    classes: Sequence[str],
-    latency_ms: float | None,
-) -> list[dict[str, Any]]:
-    """One request as :meth:`PredictionLog.submit` entries (what companions observe)."""
-    return [
-        {
-            "request_id": request_id,
-            "ts": ts,
-            "model_name": model_name,
-            "model_version": model_version,
-            "customer_id": record.customer_id,
-            "features": {name: getattr(record, name) for name in schema.FEATURE_NAMES},
-            "label": label,
-            "probabilities": dict(zip(classes, map(float, p), strict=True)),
-            "latency_ms": latency_ms,
-        }
-        for record, label, p in zip(records, _tolist(labels), _tolist(probabilities), strict=True)
-    ]
-
-
 def _tolist(values: Any) -> list[Any]:
     return values.tolist() if hasattr(values, "tolist") else list(values)
 
@@ -498,7 +470,7 @@ class PredictionLog:
                 if self._backlog >= self.batch_rows:
                     self._wake.notify()
                 return
-        self.submit(scored_entries(*request))  # buffer full (rare): the per-row path counts the drops
+        self.submit(_row_entries(scored_rows(*request)))  # buffer full (rare): submit counts the drops
 
     @property
     def backlog(self) -> int:
@@ -597,9 +569,10 @@ class PredictionLog:
             try:
                 if request is not None:
                     rows = scored_rows(*request)
+                    observed = _row_entries(rows) if self._companions else []
                     for companion in self._companions:
                         try:
-                            companion.observe(_row_entries(rows))
+                            companion.observe(observed)
                         except Exception:  # monitoring must never break logging
                             logger.exception("prediction log companion failed")
                 else:
