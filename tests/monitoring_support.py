@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,21 +13,16 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pandas as pd
 import uvicorn
 from fastapi import FastAPI
 
 from custseg import schema
 
+from .servers import free_port, stop, wait_for_http
+
 CUSTSEG = Path(sys.executable).with_name("custseg")
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -77,30 +71,10 @@ def custseg_serve(
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, process, log_path)
+            wait_for_http(f"{url}/health/ready", process, log_path)
             yield process, url
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"custseg serve exited {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"custseg serve not ready after {timeout}s:\n{log_path.read_text()}")
+            stop(process, timeout=30)
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float | None:

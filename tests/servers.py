@@ -47,8 +47,8 @@ def wait_for_http(
     raise AssertionError(f"server not ready at {url} after {timeout:.0f} s:\n{_tail(log)}")
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time."""
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; the exit status."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -56,6 +56,7 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+    return process.returncode
 
 
 def _tail(log: Path, lines: int = 40) -> str:

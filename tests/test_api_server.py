@@ -26,6 +26,7 @@ from custseg.registry import connect
 from custseg.settings import Settings
 
 from .conftest import TrainedHome
+from .servers import free_port, stop, wait_for_http
 
 CUSTSEG = str(Path(sys.executable).with_name("custseg"))
 PROTOTYPE = (
@@ -35,12 +36,6 @@ PROTOTYPE = (
 )
 POLL_SECONDS = "0.3"
 MODEL = "customer-segments"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -83,29 +78,16 @@ def start_server(home: Path, tmp: Path, *args: str, env: dict[str, str] | None =
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environment)
     server = Server(process, port, log)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"custseg serve exited with {process.returncode}:\n{server.log_text()}")
-        try:
-            if httpx.get(f"{server.url}/health/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"custseg serve not ready after 90 s:\n{server.log_text()}")
+    try:
+        wait_for_http(f"{server.url}/health/ready", process, log)
+    except AssertionError:
+        process.kill()
+        raise
+    return server
 
 
 def stop_server(server: Server) -> int:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(5)
-    return server.process.returncode
+    return stop(server.process, timeout=30)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
