@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 .PHONY: setup run train serve test lint format bench ui clean
 
 # Create .venv in the repository root and install custseg with every extra the tests use.
-$(STAMP): pyproject.toml
+# The install compiles custseg/_forest.c (the batch forest kernel) with the machine's C compiler.
+$(STAMP): pyproject.toml setup.py custseg/_forest.c
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or run: make PYTHON=python3 ...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -55,4 +56,4 @@ ui: setup
 	$(BIN)/custseg ui
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache custseg.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache custseg.egg-info build custseg/_forest*.so

@@ -4,6 +4,8 @@ A *bundle* is a folder written at training time and stored with every registered
 
 - ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
 - ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check;
+- ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel (`custseg.forest`),
+                     bit-for-bit the pipeline's answers; batch scoring uses it, the API keeps ONNX Runtime;
 - ``bundle.json``    class order, the skops types to trust, parity results and check rows with the
                      answers the pipeline gave at training time (re-checked on every load).
 
@@ -24,6 +26,7 @@ import pandas as pd
 
 from custseg import schema
 from custseg.errors import DataValidationError, ModelLoadError, Problem
+from custseg.forest import FOREST_FILE, CompiledForest, compile_pipeline, kernel_available
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +132,7 @@ def write_bundle(
         logger.warning("ONNX export failed (%s); the model will be served by scikit-learn", exc)
         parity = {"error": f"{type(exc).__name__}: {exc}"}
 
+    forest_parity = _write_forest(folder, pipeline, parity_frames)
     features = check_frame[list(schema.FEATURE_NAMES)]
     meta = {
         "format": 1,
@@ -136,6 +140,8 @@ def write_bundle(
         "features": list(schema.FEATURE_NAMES),
         "onnx": onnx_ok,
         "parity": parity,
+        "forest": bool(forest_parity.get("passed")),
+        "forest_parity": forest_parity,
         "skops_trusted_types": trusted,
         "check_rows": json.loads(features.to_json(orient="records")),
         "check_labels": [str(x) for x in pipeline.predict(features)],
@@ -145,22 +151,55 @@ def write_bundle(
     return meta
 
 
+def _write_forest(folder: Path, pipeline: Any, parity_frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    """Write ``forest.npz`` when the model is a forest whose compiled answers equal the pipeline's."""
+    try:
+        forest = compile_pipeline(pipeline)
+        if forest is None:
+            return {"passed": False, "reason": "not a forest"}
+        result: dict[str, Any] = {"passed": True}
+        for name, frame in parity_frames.items():
+            features = frame[list(schema.FEATURE_NAMES)]
+            proba = forest.predict_proba(forest.encode(to_columns(features)))
+            expected = pipeline.predict_proba(features)
+            labels_equal = bool(
+                np.array_equal(np.asarray(forest.classes)[proba.argmax(axis=1)], pipeline.predict(features))
+            )
+            gap = float(np.abs(proba - expected).max()) if len(frame) else 0.0
+            result[name] = {"rows": len(frame), "labels_equal": labels_equal, "max_probability_gap": gap}
+            result["passed"] = result["passed"] and labels_equal and gap == 0.0
+        if result["passed"]:
+            forest.save(folder / FOREST_FILE)
+        else:
+            logger.warning(
+                "compiled forest differs from the pipeline (%s); batch scoring will use ONNX", result
+            )
+        return result
+    except Exception as exc:  # the compiled kernel is an optimisation: never fail training over it
+        logger.warning("compiling the forest failed (%s); batch scoring will use ONNX Runtime", exc)
+        return {"passed": False, "reason": f"{type(exc).__name__}: {exc}"}
+
+
 # -- scoring ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class Scorer:
-    """Scores raw customer rows; ``backend`` is ``onnx`` or ``sklearn`` (the fallback)."""
+    """Scores raw customer rows; ``backend`` is ``forest``, ``onnx`` or ``sklearn`` (the fallback)."""
 
     classes: tuple[str, ...]
     backend: str
     _session: Any = None
     _pipeline: Any = None
+    _forest: CompiledForest | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_bundle(cls, folder: str | Path, *, prefer_onnx: bool = True) -> Scorer:
-        """Load a bundle and re-check it against the answers recorded at training time."""
+    def from_bundle(cls, folder: str | Path, *, prefer_onnx: bool = True, compiled: bool = False) -> Scorer:
+        """Load a bundle and re-check it against the answers recorded at training time.
+
+        ``compiled`` (batch scoring) uses the bundle's compiled forest when it has one.
+        """
         folder = Path(folder)
         try:
             meta = json.loads((folder / BUNDLE_FILE).read_text())
@@ -168,7 +207,21 @@ class Scorer:
             raise ModelLoadError(f"{folder} is not a custseg model bundle ({exc})") from exc
         classes = tuple(meta["classes"])
         scorer: Scorer | None = None
-        if prefer_onnx and meta.get("onnx") and (folder / ONNX_FILE).exists():
+        if compiled and meta.get("forest") and (folder / FOREST_FILE).exists() and not kernel_available():
+            logger.warning("custseg was installed without its C forest kernel (no compiler?); using ONNX")
+        elif compiled and meta.get("forest") and (folder / FOREST_FILE).exists():
+            try:
+                forest = CompiledForest.load(folder / FOREST_FILE)
+                if forest.classes != classes:
+                    raise ModelLoadError(
+                        f"forest classes {forest.classes} differ from the bundle's {classes}"
+                    )
+                scorer = cls(classes=classes, backend="forest", _forest=forest, meta=meta)
+                scorer.verify()
+            except Exception as exc:
+                logger.error("compiled forest in %s failed to load or check (%s); using ONNX", folder, exc)
+                scorer = None
+        if scorer is None and prefer_onnx and meta.get("onnx") and (folder / ONNX_FILE).exists():
             try:
                 session = _onnx_session((folder / ONNX_FILE).read_bytes())
                 scorer = cls(classes=classes, backend="onnx", _session=session, meta=meta)
@@ -202,6 +255,10 @@ class Scorer:
 
     def score_columns(self, columns: Mapping[str, np.ndarray]) -> Scores:
         """Score prepared inputs (see `to_columns`); gender must already be canonical."""
+        if self._forest is not None:
+            proba = self._forest.predict_proba(self._forest.encode(columns))
+            labels = np.asarray(self.classes)[proba.argmax(axis=1)] if len(proba) else np.array([], dtype=str)
+            return Scores(labels=labels, probabilities=proba, classes=self.classes)
         if self._session is not None:
             labels, proba = _run_onnx(self._session, columns)
         else:
@@ -270,5 +327,7 @@ def _onnx_session(onnx_bytes: bytes) -> Any:
 
 
 def _run_onnx(session: Any, columns: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    labels, proba = session.run(None, dict(columns))
+    # ONNX Runtime takes text as object arrays; the batch reader may hand fixed-width unicode.
+    inputs = {k: v.astype(object) if v.dtype.kind == "U" else v for k, v in columns.items()}
+    labels, proba = session.run(None, inputs)
     return np.asarray(labels).astype(str).ravel(), np.asarray(proba)

@@ -1,0 +1,18 @@
+"""Only the C extension lives here; everything else about the package is in pyproject.toml.
+
+``custseg._forest`` is optional: without a C compiler the package installs without it and batch
+scoring falls back to ONNX Runtime (slower, same answers), saying so in its log.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "custseg._forest",
+            ["custseg/_forest.c"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=True,
+        )
+    ]
+)
