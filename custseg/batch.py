@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -50,7 +51,7 @@ from custseg.data import (
 )
 from custseg.errors import DataError, DataValidationError, Problem
 from custseg.predict import Scorer, Scores, to_columns
-from custseg.schema import FEATURE_NAMES, ID_COLUMN
+from custseg.schema import FEATURE_NAMES, FEATURES, ID_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ INPUT_COLUMNS: tuple[str, ...] = (ID_COLUMN, *FEATURE_NAMES)
 SEGMENT_COLUMN = "segment"
 VERSION_COLUMN = "model_version"
 REJECT_COLUMNS: tuple[str, ...] = ("row", ID_COLUMN, "reason")
+_NO_REJECTS = pd.DataFrame(columns=list(REJECT_COLUMNS))
 _CSV_BLOCK_BYTES = 256 << 10  # as fast as larger blocks; pyarrow's read-ahead is a multiple of it
 
 
@@ -199,11 +201,7 @@ def score_chunk(
         if len(typed)
         else Scores(np.array([], dtype=str), np.zeros((0, len(scorer.classes))), scorer.classes)
     )
-    arrays: list[pa.Array] = [pa.array(ids_ok, type=pa.string()), pa.array(scores.labels, type=pa.string())]
-    for j in range(len(scorer.classes)):
-        arrays.append(pa.array(scores.probabilities[:, j].astype(np.float32), type=pa.float32()))
-    arrays.append(pa.array(np.full(len(typed), model_version, dtype=object), type=pa.string()))
-    output = pa.Table.from_arrays(arrays, schema=output_schema(scorer.classes))
+    output = output_table(pa.array(ids_ok, type=pa.string()), scores, model_version)
     rejects = pd.DataFrame(
         {"row": rows[bad], ID_COLUMN: ids[bad], "reason": reasons[bad]}, columns=list(REJECT_COLUMNS)
     )
@@ -217,6 +215,69 @@ def _ids(series: pd.Series) -> np.ndarray:
         text = series.map(lambda v: "" if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
         return text.to_numpy(dtype=object)
     return series.astype("str").str.strip().fillna("").to_numpy(dtype=object)
+
+
+def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | None:
+    """(trimmed ids, model inputs) when every row of ``table`` is plainly valid; None sends the chunk to
+    `score_chunk`, which checks each row with the shared rules and gives the reasons.
+
+    "Plainly valid" is a subset of what the shared rules accept, with the same values: numbers that
+    pyarrow's cast parses (the cast `validate_frame` itself uses) inside their domain, gender written
+    exactly ``Male`` or ``Female``, non-empty text ids. Anything else (blanks, padding, other casing,
+    nulls, Parquet types other than numbers and text) goes the careful way. This path exists because
+    turning millions of cells into Python objects for pandas costs more than scoring them.
+    """
+    if table.num_rows == 0:
+        return None
+    ids = table.column(ID_COLUMN)
+    if not pa.types.is_string(ids.type):
+        return None
+    ids = pc.utf8_trim_whitespace(ids)
+    if ids.null_count or pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py():
+        return None
+    columns: dict[str, np.ndarray] = {}
+    for feature in FEATURES:
+        column = table.column(feature.name)
+        if column.null_count:
+            return None
+        if not feature.is_numeric:
+            if not pa.types.is_string(column.type):
+                return None
+            categories = pa.array(feature.categories or (), pa.string())
+            codes = pc.index_in(column, value_set=categories)
+            if codes.null_count:
+                return None
+            canonical = np.asarray(feature.categories)[codes.to_numpy(zero_copy_only=False)]
+            columns[feature.name] = canonical.reshape(-1, 1)
+            continue
+        kind = column.type
+        if not (pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            return None
+        try:
+            number = pc.cast(column, pa.float64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(number)
+            if feature.kind == "int":
+                ok &= number == np.floor(number)
+            if feature.minimum is not None:
+                ok &= number >= feature.minimum
+            if feature.maximum is not None:
+                ok &= number <= feature.maximum
+        if not ok.all():
+            return None
+        columns[feature.name] = number.astype(np.float32).reshape(-1, 1)
+    return ids.combine_chunks(), columns
+
+
+def output_table(ids: pa.Array, scores: Scores, model_version: str) -> pa.Table:
+    """The output rows: ``customer_id, segment, proba_<class>..., model_version``."""
+    arrays: list[pa.Array] = [ids, pa.array(scores.labels, type=pa.string())]
+    for j in range(len(scores.classes)):
+        arrays.append(pa.array(scores.probabilities[:, j].astype(np.float32), type=pa.float32()))
+    arrays.append(pa.array(np.full(len(ids), model_version, dtype=object), type=pa.string()))
+    return pa.Table.from_arrays(arrays, schema=output_schema(scores.classes))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,12 +330,17 @@ def _unreadable(path: Path, kind: str, exc: Exception) -> DataError:
 
 @dataclass
 class _Chunk:
-    frame: pd.DataFrame
+    table: pa.Table
+    """Raw rows: text columns from CSV, the file's own types from Parquet."""
     rows: np.ndarray
     parse_rejects: list[tuple[int, str, str]] = field(default_factory=list)
     """(row, customer_id, reason) of malformed records found up to the end of this chunk."""
     fraction: float | None = None
     """Share of the input read when this chunk was cut (None when unknown)."""
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.table.to_pandas()
 
 
 class _Source:
@@ -340,7 +406,9 @@ class _Source:
             for batch in self._parquet.iter_batches(batch_size=self.chunk_rows, columns=list(INPUT_COLUMNS)):
                 rows = np.arange(done + 1, done + batch.num_rows + 1, dtype=np.int64)
                 done += batch.num_rows
-                yield _Chunk(batch.to_pandas(), rows, fraction=done / max(1, self.total_rows or 0))
+                yield _Chunk(
+                    pa.Table.from_batches([batch]), rows, fraction=done / max(1, self.total_rows or 0)
+                )
         except (OSError, pa.ArrowException) as exc:
             raise _unreadable(self.path, "Parquet", exc) from None
 
@@ -390,7 +458,7 @@ class _Source:
                 due = [m for m in malformed[reported:] if m[0] <= last]
                 reported += len(due)
                 fraction = min(1.0, (parsed + len(malformed)) * self._bytes_per_row / self._size)
-                return _Chunk(part.to_pandas(), rows, due, fraction)
+                return _Chunk(part, rows, due, fraction)
 
             # Small blocks gathered into chunks: pyarrow reads dozens of blocks ahead, so the block
             # size (not the chunk size) bounds that read-ahead memory.
@@ -411,7 +479,7 @@ class _Source:
             rest = malformed[reported:]
             if rest:
                 yield _Chunk(
-                    pd.DataFrame(columns=list(INPUT_COLUMNS)),
+                    pa.table({name: pa.array([], pa.string()) for name in INPUT_COLUMNS}),
                     np.zeros(0, np.int64),
                     rest,
                 )
@@ -523,6 +591,18 @@ def _threaded_score(scorer: Scorer, pool: ThreadPoolExecutor, workers: int) -> S
     return score
 
 
+@dataclass
+class _InFlight:
+    """A plainly valid chunk whose scores are being computed."""
+
+    chunk: _Chunk
+    ids: pa.Array
+    scores: Future[Scores]
+
+    def result(self, model_version: str) -> ChunkResult:
+        return ChunkResult(output_table(self.ids, self.scores.result(), model_version), _NO_REJECTS)
+
+
 def _prefetch(chunks: Iterator[_Chunk], depth: int = 1) -> Iterator[_Chunk]:
     """Read the next chunk in a background thread while the current one is scored (bounded queue)."""
     import queue
@@ -599,39 +679,61 @@ def score_file(
     rejects_writer = _RejectsWriter(rejects_path) if rejects_path is not None else None
     counts: Counter[str] = Counter()
     scored = rejected = 0
+
+    def finish(chunk: _Chunk, result: ChunkResult) -> None:
+        """Write one scored chunk (in input order) and its rejects; count; report progress."""
+        nonlocal scored, rejected
+        chunk_rejects = result.rejects
+        if chunk.parse_rejects:
+            parse = pd.DataFrame(chunk.parse_rejects, columns=list(REJECT_COLUMNS))
+            chunk_rejects = pd.concat([parse, chunk_rejects], ignore_index=True).sort_values(
+                "row", kind="stable"
+            )
+        if strict and len(chunk_rejects):
+            first = chunk_rejects.iloc[0]
+            row = int(first["row"])
+            raise DataValidationError(
+                [
+                    Problem(
+                        f"{first['reason']} (strict mode stops at the first bad row)",
+                        row if row > 0 else None,
+                    )
+                ],
+                source=str(input),
+            )
+        writer.write(result.output)
+        if rejects_writer is not None:
+            rejects_writer.write(chunk_rejects)
+        scored += result.output.num_rows
+        rejected += len(chunk_rejects)
+        counts.update(_value_counts(result.output.column(SEGMENT_COLUMN)))
+        if on_progress is not None:
+            on_progress(BatchProgress(scored + rejected, rejected, chunk.fraction))
+
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="custseg-score") as pool:
+        with (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="custseg-score") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="custseg-batch") as scoring,
+        ):
             score_fn = _threaded_score(scorer, pool, workers)
+            # A chunk is scored (on every core) while the next one is checked and the last one written.
+            in_flight: _InFlight | None = None
             for chunk in _prefetch(source.chunks()):
-                result = score_chunk(
-                    chunk.frame, scorer, model_version, row_numbers=chunk.rows, score_fn=score_fn
-                )
-                chunk_rejects = result.rejects
-                if chunk.parse_rejects:
-                    parse = pd.DataFrame(chunk.parse_rejects, columns=list(REJECT_COLUMNS))
-                    chunk_rejects = pd.concat([parse, chunk_rejects], ignore_index=True).sort_values(
-                        "row", kind="stable"
+                plain = plain_inputs(chunk.table)
+                previous, in_flight = in_flight, None
+                if plain is not None:
+                    ids, columns = plain
+                    in_flight = _InFlight(chunk, ids, scoring.submit(score_fn, columns))
+                if previous is not None:
+                    finish(previous.chunk, previous.result(model_version))
+                if plain is None:
+                    # Some row needs the shared rules' closer look (and perhaps a reject reason).
+                    result = score_chunk(
+                        chunk.frame, scorer, model_version, row_numbers=chunk.rows, score_fn=score_fn
                     )
-                if strict and len(chunk_rejects):
-                    first = chunk_rejects.iloc[0]
-                    row = int(first["row"])
-                    raise DataValidationError(
-                        [
-                            Problem(
-                                f"{first['reason']} (strict mode stops at the first bad row)",
-                                row if row > 0 else None,
-                            )
-                        ],
-                        source=str(input),
-                    )
-                writer.write(result.output)
-                if rejects_writer is not None:
-                    rejects_writer.write(chunk_rejects)
-                scored += result.output.num_rows
-                rejected += len(chunk_rejects)
-                counts.update(_value_counts(result.output.column(SEGMENT_COLUMN)))
-                if on_progress is not None:
-                    on_progress(BatchProgress(scored + rejected, rejected, chunk.fraction))
+                    finish(chunk, result)
+            if in_flight is not None:
+                finish(in_flight.chunk, in_flight.result(model_version))
         writer.commit()
         if rejects_writer is not None:
             rejects_writer.commit()

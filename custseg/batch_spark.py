@@ -77,7 +77,7 @@ class ModelBundle:
         """Read a bundle folder and check it loads (a broken model fails on the driver, not on executors)."""
         folder = Path(folder)
         files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-        scorer = Scorer.from_bundle(folder)
+        scorer = Scorer.from_bundle(folder, compiled=True)
         digest = hashlib.sha256(b"".join(files[name] for name in sorted(files))).hexdigest()
         return cls(files, version, scorer.classes, digest)
 
@@ -106,7 +106,7 @@ def _worker_scorer(digest: str, files: dict[str, bytes]) -> Scorer:
         with tempfile.TemporaryDirectory(prefix="custseg-bundle-") as tmp:
             for name, content in files.items():
                 (Path(tmp) / name).write_bytes(content)
-            scorer = Scorer.from_bundle(tmp)
+            scorer = Scorer.from_bundle(tmp, compiled=True)
         _SCORERS[digest] = scorer
     return scorer
 

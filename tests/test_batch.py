@@ -46,7 +46,10 @@ def bundle_dir(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def scorer(bundle_dir: Path) -> Scorer:
-    return Scorer.from_bundle(bundle_dir)
+    """What `custseg score` uses: the compiled forest (the champion of the shared home is a forest)."""
+    scorer = Scorer.from_bundle(bundle_dir, compiled=True)
+    assert scorer.backend == "forest"
+    return scorer
 
 
 @pytest.fixture
@@ -347,7 +350,7 @@ import json, re, sys
 from pathlib import Path
 from custseg.batch import score_file
 from custseg.predict import Scorer
-scorer = Scorer.from_bundle(sys.argv[1])
+scorer = Scorer.from_bundle(sys.argv[1], compiled=True)
 summary = score_file(sys.argv[2], sys.argv[3], scorer, "1", chunk_rows=10_000)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) pytest parent across fork/exec.
 peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))

@@ -58,7 +58,9 @@ def scorer(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFactory) 
     uri = f"{trained_home.registration.model.uri}/artifacts/bundle"
     connect(trained_home.settings)  # models:/ URIs resolve through the process-wide registry URI
     folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path_factory.mktemp("b")))
-    return Scorer.from_bundle(folder)
+    scorer = Scorer.from_bundle(folder, compiled=True)  # what `custseg score` uses
+    assert scorer.backend == "forest"
+    return scorer
 
 
 def by_id(frame: pd.DataFrame) -> pd.DataFrame:
