@@ -561,9 +561,9 @@ def score(
             chunk_rows=chunk_rows if chunk_rows != DEFAULT_CHUNK_ROWS else None,
         )
     elif engine == "local":
-        from custseg.registry import load_scorer
+        from custseg.model_cache import load_batch_scorer
 
-        scorer, ref = load_scorer(settings, settings.model_uri)
+        scorer, model_ref = load_batch_scorer(settings, settings.model_uri)
         progress = Progress(
             TextColumn("scoring"),
             BarColumn(),
@@ -585,7 +585,7 @@ def score(
                 Path(input),
                 Path(out),
                 scorer,
-                ref.version,
+                model_ref.version,
                 fmt=format,
                 chunk_rows=chunk_rows,
                 rejects=rejects,

@@ -418,9 +418,15 @@ def load_scorer(settings: Settings, model_uri: str | None = None) -> tuple[Score
     """Resolve a model URI, download its bundle and load it (ONNX Runtime, sklearn fallback)."""
     ref = resolve(settings, model_uri)
     with tempfile.TemporaryDirectory(prefix="custseg-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{ref.uri}/artifacts/bundle", dst_path=tmp)
-        scorer = Scorer.from_bundle(local)
+        scorer = Scorer.from_bundle(download_bundle(ref, Path(tmp)))
     return scorer, ref
+
+
+def download_bundle(ref: ModelRef, dst: Path) -> Path:
+    """Download a version's bundle folder (model.onnx, pipeline.skops, ...) into ``dst``."""
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{ref.uri}/artifacts/bundle", dst_path=str(dst))
+    )
 
 
 def download_reference(settings: Settings, ref: ModelRef, dst: str | Path) -> Path:

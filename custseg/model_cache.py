@@ -1,0 +1,174 @@
+"""A local copy of registered model bundles, so `custseg score` can start without asking MLflow.
+
+Importing MLflow and opening its store takes seconds; scoring a million rows can take less. A version's
+artifacts never change once registered, so its bundle is kept under ``<home>/cache/models/<name>/<version>``
+after the first download. Which version a URI names (``models:/customer-segments@champion``) can change
+at any time, so the answer is kept only with a *stamp* of the registry it came from: size, modification
+time and inode of the embedded SQLite database and of its journal files. Any write to the registry (an
+alias moved, a version added or deleted) changes the stamp, and the next run asks MLflow again.
+
+Only a local SQLite registry (the embedded store, or a ``sqlite:///`` tracking URI) can be stamped; with
+a tracking server or another database every run resolves through MLflow and only the download is saved.
+The stamp is taken before MLflow is asked, so a change made while resolving is seen by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+from custseg.settings import Settings
+
+if TYPE_CHECKING:
+    from custseg.predict import Scorer
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_FILE = "resolved.json"
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """A bundle on local disk and the registry version it belongs to."""
+
+    name: str
+    version: str
+    folder: Path
+    from_cache: bool
+    """True when the registry was not asked (its stamp was unchanged)."""
+
+
+def cache_root(settings: Settings) -> Path:
+    return settings.home / "cache" / "models"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, as SQLAlchemy reads it (``sqlite:////abs/path``,
+    ``sqlite:///relative/path``); None for any other store or an in-memory database."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    path = unquote(tracking_uri.removeprefix(prefix).split("?", 1)[0])
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def registry_stamp(settings: Settings) -> list[list[int]] | None:
+    """What identifies the registry's current content, or None when it cannot be told cheaply."""
+    database = sqlite_path(settings.effective_tracking_uri)
+    if database is None:
+        return None
+    stamp: list[list[int]] = []
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-journal")):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            stamp.append([])
+            continue
+        except OSError:
+            return None
+        if path.name.endswith("-journal"):
+            return None  # a write is in progress: do not trust (or record) anything
+        stamp.append([stat.st_size, stat.st_mtime_ns, stat.st_ino])
+    return stamp
+
+
+def lookup(settings: Settings, uri: str) -> CachedModel | None:
+    """The cached bundle for ``uri`` if the registry is unchanged since it was resolved, else None."""
+    stamp = registry_stamp(settings)
+    if stamp is None:
+        return None
+    entry = _read_resolved(settings).get(_key(settings, uri))
+    if not entry or entry.get("stamp") != stamp:
+        return None
+    folder = _bundle_folder(settings, entry["name"], entry["version"])
+    if not (folder / "bundle.json").exists():
+        return None
+    return CachedModel(entry["name"], entry["version"], folder, from_cache=True)
+
+
+def store(
+    settings: Settings,
+    uri: str,
+    name: str,
+    version: str,
+    download: Callable[[Path], Path],
+    stamp: list[list[int]] | None,
+) -> CachedModel:
+    """Keep the bundle of ``name`` ``version`` (``download(into)`` fetches it) and remember ``uri``'s answer.
+
+    ``stamp`` is the registry stamp taken *before* ``uri`` was resolved (None: do not remember).
+    """
+    folder = _bundle_folder(settings, name, version)
+    if not (folder / "bundle.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
+            fetched = download(Path(tmp))
+            staged = Path(tmp) / "staged"
+            shutil.copytree(fetched, staged)
+            with contextlib.suppress(OSError):  # another process stored it first: keep theirs
+                os.replace(staged, folder)
+    if stamp is not None:
+        resolved = _read_resolved(settings)
+        resolved[_key(settings, uri)] = {"name": name, "version": version, "stamp": stamp}
+        _write_resolved(settings, resolved)
+    return CachedModel(name, version, folder, from_cache=False)
+
+
+def _key(settings: Settings, uri: str) -> str:
+    return f"{settings.effective_tracking_uri} {uri}"
+
+
+def _bundle_folder(settings: Settings, name: str, version: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return cache_root(settings) / safe / str(version)
+
+
+def _read_resolved(settings: Settings) -> dict[str, dict]:
+    try:
+        data = json.loads((cache_root(settings) / RESOLVED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_resolved(settings: Settings, resolved: dict[str, dict]) -> None:
+    root = cache_root(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{RESOLVED_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(resolved, indent=2))
+    os.replace(tmp, root / RESOLVED_FILE)
+
+
+def load_batch_scorer(settings: Settings, model_uri: str | None = None) -> tuple[Scorer, CachedModel]:
+    """The scorer for batch runs: cached bundle when the registry is unchanged, else resolve and keep it.
+
+    Uses the bundle's compiled forest when it has one (see `custseg.forest`).
+    """
+    from custseg.predict import Scorer
+
+    uri = model_uri or f"models:/{settings.model_name}@champion"
+    cached = lookup(settings, uri)
+    if cached is None:
+        from custseg.registry import download_bundle, resolve
+
+        stamp = registry_stamp(settings)
+        ref = resolve(settings, uri)
+        cached = store(settings, uri, ref.name, ref.version, lambda into: download_bundle(ref, into), stamp)
+    logger.info(
+        "model %s version %s from %s",
+        cached.name,
+        cached.version,
+        "cache" if cached.from_cache else "registry",
+    )
+    return Scorer.from_bundle(cached.folder, compiled=True), cached
