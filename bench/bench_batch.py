@@ -1,17 +1,25 @@
-"""Benchmark ``custseg score`` against the naive path a user would write, in the same run.
+"""Benchmark ``custseg score`` against the naive paths a user would write, in the same run.
 
-Naive path (one process): ``pandas.read_csv`` -> the champion's scikit-learn pipeline ``.predict`` ->
-``DataFrame.to_csv`` of ``customer_id, segment``. ``custseg score`` does more (checks every row, writes
-three probability columns and the model version, a rejects file) and still streams.
+Naive paths (one process each), both ``pandas.read_csv`` -> ``.predict`` -> ``DataFrame.to_csv`` of
+``customer_id, segment``:
+
+- ``naive sklearn``: the champion's scikit-learn pipeline loaded straight from its bundle file (no
+  registry lookup at all: the cheapest way to get the model; the ratio that counts);
+- ``naive mlflow``: ``mlflow.pyfunc.load_model("models:/customer-segments@champion")``, the way the
+  README offers the champion to Python users (registry lookup, ONNX Runtime, checks every row).
+
+``custseg score`` does more (checks every row, writes three probability columns and the model version,
+a rejects file) and still streams. Its first run after training resolves the champion through MLflow and
+fills the model cache (``cold``); later runs find the registry unchanged and skip MLflow (``warm``).
 
 Usage::
 
     .venv/bin/python bench/bench_batch.py [--rows 1000000 10000000] [--repeats 3] [--home DIR] [--dir DIR]
 
-Both are run as fresh processes (start-up and model loading included), alternately, ``--repeats`` times
-for inputs up to 1M rows and once above. Peak memory is the process's VmHWM (sampled from /proc until
-it exits). The champion comes from ``--home`` (a CUSTSEG_HOME), or one is trained on 1,000 generated
-rows with the full candidate grid in a temporary home. Labels of the two outputs are compared row by row.
+Every run is a fresh process (start-up and model loading included); the paths alternate, ``--repeats``
+times for inputs up to 1M rows and once above. Peak memory is the process's VmHWM (sampled from /proc
+until it exits). The champion comes from ``--home`` (a CUSTSEG_HOME), or one is trained on 1,000
+generated rows with the full candidate grid in a temporary home. Labels are compared row by row.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +49,23 @@ df = pd.read_csv(source)
 df["segment"] = model.predict(df[list(FEATURE_NAMES)])
 df[["customer_id", "segment"]].to_csv(out, index=False)
 """
+
+NAIVE_MLFLOW = """
+import sys
+import mlflow
+import pandas as pd
+from custseg.registry import connect
+from custseg.settings import Settings
+source, out = sys.argv[1:3]
+connect(Settings())  # the embedded registry under CUSTSEG_HOME (a tracking server needs no call)
+model = mlflow.pyfunc.load_model("models:/customer-segments@champion")
+df = pd.read_csv(source)
+df["segment"] = model.predict(df)
+df[["customer_id", "segment"]].to_csv(out, index=False)
+"""
+
+
+PATHS = ("custseg score", "naive sklearn", "naive mlflow")
 
 
 def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -128,23 +154,41 @@ def main() -> None:
         bundle, version = download_bundle(home, work)
         env = {**os.environ, "CUSTSEG_HOME": str(home)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        print(f"model version {version}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+        from custseg.predict import Scorer
+
+        backend = Scorer.from_bundle(bundle, compiled=True).backend
+        print(
+            f"model version {version} (custseg score engine: {backend}); {os.cpu_count()} CPUs; "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
         header = f"{'rows':>11} {'path':<15} {'median s':>9} {'rows/s':>11} {'peak MB':>8}  runs (s)"
         print(header)
         for rows in args.rows:
             source = work / f"customers_{rows}.csv"
             generate_file(source, rows, seed=rows % 1000)
-            ours_out, naive_out = work / "custseg_out.csv", work / "naive_out.csv"
+            outputs = {name: work / f"{name.replace(' ', '_')}.csv" for name in PATHS}
+            ours_out, sk_out, ml_out = (str(outputs[name]) for name in PATHS)
             commands = {
-                "custseg score": [str(VENV_BIN / "custseg"), "score", str(source), "--out", str(ours_out)],
-                "naive pandas": [sys.executable, "-c", NAIVE, str(bundle), str(source), str(naive_out)],
+                "custseg score": [str(VENV_BIN / "custseg"), "score", str(source), "--out", ours_out],
+                "naive sklearn": [sys.executable, "-c", NAIVE, str(bundle), str(source), sk_out],
+                "naive mlflow": [sys.executable, "-c", NAIVE_MLFLOW, str(source), ml_out],
             }
+            # Cold: the first run after training (or after the cache is cleared) asks MLflow.
+            shutil.rmtree(home / "cache", ignore_errors=True)
+            cold = run_measured(commands["custseg score"], env)
             runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
             for _ in range(args.repeats if rows <= 1_000_000 else 1):
                 for name, command in commands.items():
                     runs[name].append(run_measured(command, env))
-            mismatches = compare_labels(ours_out, naive_out, rows)
+            mismatches = {
+                name: compare_labels(outputs["custseg score"], outputs[name], rows)
+                for name in ("naive sklearn", "naive mlflow")
+            }
             summary = {}
+            print(
+                f"{rows:>11,} {'custseg (cold)':<15} {cold[0]:>9.2f} {rows / cold[0]:>11,.0f} "
+                f"{cold[1]:>8,.0f}  (first run: asks MLflow, fills the model cache)"
+            )
             for name, measured in runs.items():
                 seconds = statistics.median(s for s, _ in measured)
                 peak = max(m for _, m in measured)
@@ -158,14 +202,25 @@ def main() -> None:
                     f"{rows:>11,} {name:<15} {seconds:>9.2f} {rows / seconds:>11,.0f} {peak:>8,.0f}  "
                     f"{', '.join(f'{s:.1f}' for s, _ in measured)}"
                 )
-            ratio = summary["naive pandas"]["seconds"] / summary["custseg score"]["seconds"]
+            ours = summary["custseg score"]["seconds"]
+            ratios = {name: summary[name]["seconds"] / ours for name in ("naive sklearn", "naive mlflow")}
+            cold_ratio = summary["naive sklearn"]["seconds"] / cold[0]
             print(
-                f"{rows:>11,} speed-up {ratio:.1f}x; label mismatches {mismatches}; "
-                f"input {source.stat().st_size / 1e6:,.0f} MB",
+                f"{rows:>11,} speed-up {ratios['naive sklearn']:.1f}x vs naive sklearn "
+                f"({cold_ratio:.1f}x cold), {ratios['naive mlflow']:.1f}x vs naive mlflow; "
+                f"label mismatches {mismatches}; input {source.stat().st_size / 1e6:,.0f} MB",
                 flush=True,
             )
-            results.append({"rows": rows, "speedup": ratio, "label_mismatches": mismatches, **summary})
-            for path in (source, ours_out, naive_out):
+            results.append(
+                {
+                    "rows": rows,
+                    "speedup": ratios,
+                    "cold_seconds": cold[0],
+                    "label_mismatches": mismatches,
+                    **summary,
+                }
+            )
+            for path in (source, *outputs.values()):
                 path.unlink(missing_ok=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
