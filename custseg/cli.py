@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from custseg.errors import CustsegError
+from custseg.model_cache import refresh_champion
 from custseg.settings import Settings
 
 app = typer.Typer(
@@ -158,6 +159,7 @@ def train(
     console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}")
     colour = "green" if decision.alias == "champion" else "yellow"
     console.print(f"[{colour}]alias {decision.alias}[/]: {decision.reason}")
+    refresh_champion(settings)
 
 
 @app.command()
@@ -198,6 +200,7 @@ def promote(version: Annotated[str, typer.Argument(help="Model version to make c
 
     settings = Settings()
     ref, previous = promote_version(settings, version)
+    refresh_champion(settings)
     before = f"from version {previous}" if previous else "(there was none)"
     console.print(f"champion of {settings.model_name} is now version {ref.version} {before}")
 
@@ -508,6 +511,7 @@ def retrain(
     console.print(
         f"recorded in MLflow run {reg.run_id}; a running API picks a new champion up on its next poll"
     )
+    refresh_champion(settings)
 
 
 @app.command()

@@ -150,6 +150,28 @@ def _write_resolved(settings: Settings, resolved: dict[str, dict]) -> None:
     os.replace(tmp, root / RESOLVED_FILE)
 
 
+def champion_uri(settings: Settings) -> str:
+    return f"models:/{settings.model_name}@champion"
+
+
+def resolve_and_store(settings: Settings, uri: str) -> CachedModel:
+    """Ask the registry which version ``uri`` names, keep its bundle and remember the answer."""
+    from custseg.registry import download_bundle, resolve
+
+    stamp = registry_stamp(settings)  # before asking: a change made meanwhile shows on the next run
+    ref = resolve(settings, uri)
+    return store(settings, uri, ref.name, ref.version, lambda into: download_bundle(ref, into), stamp)
+
+
+def refresh_champion(settings: Settings) -> None:
+    """Called by the commands that change the registry (train, retrain, promote): remember the champion
+    now, while MLflow is loaded anyway, so the next `custseg score` need not. Never fails the caller."""
+    try:
+        resolve_and_store(settings, champion_uri(settings))
+    except Exception as exc:  # no champion yet, a server that went away: the next score run asks
+        logger.debug("model cache not refreshed: %s", exc)
+
+
 def load_batch_scorer(settings: Settings, model_uri: str | None = None) -> tuple[Scorer, CachedModel]:
     """The scorer for batch runs: cached bundle when the registry is unchanged, else resolve and keep it.
 
@@ -157,14 +179,8 @@ def load_batch_scorer(settings: Settings, model_uri: str | None = None) -> tuple
     """
     from custseg.predict import Scorer
 
-    uri = model_uri or f"models:/{settings.model_name}@champion"
-    cached = lookup(settings, uri)
-    if cached is None:
-        from custseg.registry import download_bundle, resolve
-
-        stamp = registry_stamp(settings)
-        ref = resolve(settings, uri)
-        cached = store(settings, uri, ref.name, ref.version, lambda into: download_bundle(ref, into), stamp)
+    uri = model_uri or champion_uri(settings)
+    cached = lookup(settings, uri) or resolve_and_store(settings, uri)
     logger.info(
         "model %s version %s from %s",
         cached.name,

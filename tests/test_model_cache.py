@@ -99,3 +99,21 @@ def test_a_damaged_cache_is_a_miss_not_an_error(two_versions: Settings) -> None:
     _, model = load_batch_scorer(two_versions)
     assert model.from_cache is False
     assert json.loads(resolved.read_text())  # rewritten
+
+
+def test_a_promotion_leaves_the_cache_warm(
+    two_versions: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`custseg promote` (like train and retrain) caches the new champion, so the next score run is warm."""
+    from custseg.cli import main
+
+    settings = two_versions
+    other = "1" if champion(settings) == "2" else "2"
+    monkeypatch.setenv("CUSTSEG_HOME", str(settings.home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(sys, "argv", ["custseg", "promote", other])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code in (0, None), capsys.readouterr()
+    cached = lookup(settings, CHAMPION_URI)
+    assert cached is not None and cached.version == other == champion(settings)
