@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
+from custseg.errors import ModelLoadError
 from custseg.settings import Settings
 
 if TYPE_CHECKING:
@@ -187,4 +188,11 @@ def load_batch_scorer(settings: Settings, model_uri: str | None = None) -> tuple
         cached.version,
         "cache" if cached.from_cache else "registry",
     )
-    return Scorer.from_bundle(cached.folder, compiled=True), cached
+    try:
+        return Scorer.from_bundle(cached.folder, compiled=True), cached
+    except ModelLoadError:
+        # A damaged copy (disk trouble, a hand edit) must not stick: fetch it again, once.
+        logger.warning("cached bundle %s failed to load; downloading it again", cached.folder)
+        shutil.rmtree(cached.folder, ignore_errors=True)
+        cached = resolve_and_store(settings, uri)
+        return Scorer.from_bundle(cached.folder, compiled=True), cached

@@ -117,3 +117,12 @@ def test_a_promotion_leaves_the_cache_warm(
     assert exited.value.code in (0, None), capsys.readouterr()
     cached = lookup(settings, CHAMPION_URI)
     assert cached is not None and cached.version == other == champion(settings)
+
+
+def test_a_damaged_cached_bundle_is_fetched_again(two_versions: Settings) -> None:
+    _, model = load_batch_scorer(two_versions)
+    meta = json.loads((model.folder / "bundle.json").read_text())
+    meta["check_labels"] = ["low_value"] * len(meta["check_labels"])  # no model answers this
+    (model.folder / "bundle.json").write_text(json.dumps(meta))
+    scorer, again = load_batch_scorer(two_versions)
+    assert (again.version, again.from_cache, scorer.backend) == (model.version, False, "forest")
