@@ -131,7 +131,8 @@ def output_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
         [
             (ID_COLUMN, pa.string()),
             (SEGMENT_COLUMN, pa.string()),
-            # float32: the model's own precision (ONNX Runtime), and CSV output without float noise.
+            # float32: ONNX Runtime's precision (the compiled forest's float64 rounded), and CSV
+            # output without float noise.
             *[(f"proba_{c}", pa.float32()) for c in classes],
             (VERSION_COLUMN, pa.string()),
         ]
