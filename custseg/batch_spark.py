@@ -84,14 +84,11 @@ class ModelBundle:
 
 def load_bundle(settings: Settings, model_uri: str | None = None) -> ModelBundle:
     """Resolve a model URI in the registry (default: the champion) and read its bundle."""
-    import mlflow
-
-    from custseg.registry import resolve
+    from custseg.registry import download_bundle, resolve
 
     ref = resolve(settings, model_uri)
     with tempfile.TemporaryDirectory(prefix="custseg-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{ref.uri}/artifacts/bundle", dst_path=tmp)
-        return ModelBundle.from_folder(local, ref.version)
+        return ModelBundle.from_folder(download_bundle(ref, Path(tmp)), ref.version)
 
 
 # -- executors --------------------------------------------------------------------------------------

@@ -156,7 +156,8 @@ def train(
         else "[red]scikit-learn (ONNX export or parity failed)[/]"
     )
     console.print(f"logged run {registration.run_id} (experiment {registration.experiment_id})")
-    console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}")
+    batch = "; batches by the compiled forest" if registration.bundle_meta.get("forest") else ""
+    console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}{batch}")
     colour = "green" if decision.alias == "champion" else "yellow"
     console.print(f"[{colour}]alias {decision.alias}[/]: {decision.reason}")
     refresh_champion(settings)

@@ -207,9 +207,10 @@ class Scorer:
             raise ModelLoadError(f"{folder} is not a custseg model bundle ({exc})") from exc
         classes = tuple(meta["classes"])
         scorer: Scorer | None = None
-        if compiled and meta.get("forest") and (folder / FOREST_FILE).exists() and not kernel_available():
+        has_forest = compiled and bool(meta.get("forest")) and (folder / FOREST_FILE).exists()
+        if has_forest and not kernel_available():
             logger.warning("custseg was installed without its C forest kernel (no compiler?); using ONNX")
-        elif compiled and meta.get("forest") and (folder / FOREST_FILE).exists():
+        elif has_forest:
             try:
                 forest = CompiledForest.load(folder / FOREST_FILE)
                 if forest.classes != classes:
