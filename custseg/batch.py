@@ -224,17 +224,20 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
 
     "Plainly valid" is a subset of what the shared rules accept, with the same values: numbers that
     pyarrow's cast parses (the cast `validate_frame` itself uses) inside their domain, gender written
-    exactly ``Male`` or ``Female``, non-empty text ids. Anything else (blanks, padding, other casing,
-    nulls, Parquet types other than numbers and text) goes the careful way. This path exists because
-    turning millions of cells into Python objects for pandas costs more than scoring them.
+    exactly ``Male`` or ``Female``, non-empty ids without padding (text, or Parquet integers). Anything
+    else (blanks, padding, other casing, nulls, other Parquet types) goes the careful way. This path
+    exists because turning millions of cells into Python objects for pandas costs more than scoring them.
     """
     if table.num_rows == 0:
         return None
     ids = table.column(ID_COLUMN)
-    if not pa.types.is_string(ids.type):
+    if pa.types.is_integer(ids.type):
+        ids = pc.cast(ids, pa.string())  # Parquet integer ids: their decimal text, as `_ids` writes them
+    if not _is_text(ids.type) or ids.null_count:
         return None
-    ids = pc.utf8_trim_whitespace(ids)
-    if ids.null_count or pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py():
+    if not pc.all(pc.equal(pc.utf8_trim_whitespace(ids), ids)).as_py():
+        return None  # padded ids: trimmed by the shared rules
+    if pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py():
         return None
     columns: dict[str, np.ndarray] = {}
     for feature in FEATURES:
@@ -242,9 +245,9 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
         if column.null_count:
             return None
         if not feature.is_numeric:
-            if not pa.types.is_string(column.type):
+            if not _is_text(column.type):
                 return None
-            categories = pa.array(feature.categories or (), pa.string())
+            categories = pa.array(feature.categories or (), column.type)
             codes = pc.index_in(column, value_set=categories)
             if codes.null_count:
                 return None
@@ -252,7 +255,7 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
             columns[feature.name] = canonical.reshape(-1, 1)
             continue
         kind = column.type
-        if not (pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        if not (_is_text(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             return None
         try:
             number = pc.cast(column, pa.float64()).to_numpy()
@@ -269,7 +272,11 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
         if not ok.all():
             return None
         columns[feature.name] = number.astype(np.float32).reshape(-1, 1)
-    return ids.combine_chunks(), columns
+    return ids.cast(pa.string()).combine_chunks(), columns
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
 def output_table(ids: pa.Array, scores: Scores, model_version: str) -> pa.Table:

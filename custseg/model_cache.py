@@ -166,7 +166,12 @@ def resolve_and_store(settings: Settings, uri: str) -> CachedModel:
 
 def refresh_champion(settings: Settings) -> None:
     """Called by the commands that change the registry (train, retrain, promote): remember the champion
-    now, while MLflow is loaded anyway, so the next `custseg score` need not. Never fails the caller."""
+    now, while MLflow is loaded anyway, so the next `custseg score` need not. Never fails the caller.
+
+    Only for a registry that can be stamped: with a tracking server every score run asks it anyway, and
+    nothing is written under ``home``."""
+    if registry_stamp(settings) is None:
+        return
     try:
         resolve_and_store(settings, champion_uri(settings))
     except Exception as exc:  # no champion yet, a server that went away: the next score run asks

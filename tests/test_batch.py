@@ -18,6 +18,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from custseg import batch
@@ -406,3 +408,61 @@ def test_threaded_scoring_gives_the_same_output(tmp_path: Path, scorer: Scorer) 
     score_file(source, tmp_path / "one.csv", scorer, "1", workers=1)
     score_file(source, tmp_path / "many.csv", scorer, "1", workers=4)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "many.csv").read_bytes()
+
+
+# -- the plain (Arrow) way and the careful (shared rules) way agree ----------------------------------
+
+
+def careful(table: pa.Table, scorer: Scorer) -> pa.Table:
+    return batch.score_chunk(table.to_pandas(), scorer, "1").output
+
+
+@pytest.mark.parametrize(
+    ("change", "plain"),
+    [
+        (lambda t: t, True),
+        # Parquet integer ids become their decimal text either way.
+        (lambda t: t.set_column(0, ID_COLUMN, pa.array(range(7, 7 + t.num_rows), pa.int64())), True),
+        (lambda t: t.set_column(0, ID_COLUMN, pc.utf8_lpad(t.column(0), 15)), False),
+        (lambda t: t.set_column(2, "gender", pc.utf8_lower(t.column(2))), False),
+        (lambda t: t.set_column(1, "age", pc.cast(t.column(1), pa.float64())), True),
+    ],
+    ids=["text", "integer ids", "padded ids", "lower-case gender", "float ages"],
+)
+def test_plainly_valid_chunks_skip_pandas_and_give_the_same_rows(
+    change,
+    plain: bool,
+    scorer: Scorer,  # type: ignore[no-untyped-def]
+) -> None:
+    frame = generate(3_000, seed=4).drop(columns=["customer_segment"])
+    table = change(pa.Table.from_pandas(frame, preserve_index=False))
+    found = batch.plain_inputs(table)
+    assert (found is not None) == plain
+    if found is not None:
+        ids, columns = found
+        fast = batch.output_table(ids, scorer.score_columns(columns), "1")
+        assert fast.equals(careful(table, scorer))
+
+
+def test_anything_out_of_the_ordinary_goes_the_careful_way() -> None:
+    good = pa.Table.from_pandas(generate(10, seed=1).drop(columns=["customer_segment"]), preserve_index=False)
+    text = good.cast(pa.schema([(name, pa.string()) for name in good.column_names]))
+    assert batch.plain_inputs(text) is not None
+
+    def with_value(column: str, value: str | None) -> pa.Table:
+        values = text.column(column).to_pylist()
+        values[3] = value
+        return text.set_column(text.column_names.index(column), column, pa.array(values, pa.string()))
+
+    for column, value in [
+        ("age", "abc"),  # not a number
+        ("age", "41.5"),  # not an integer
+        ("age", "121"),  # out of domain
+        ("total_spent", "nan"),
+        ("total_spent", "inf"),
+        ("total_spent", ""),
+        ("loyalty_program", None),
+        ("gender", "Other"),
+        (ID_COLUMN, ""),
+    ]:
+        assert batch.plain_inputs(with_value(column, value)) is None, (column, value)
