@@ -129,7 +129,9 @@ class CompiledForest:
             raise ValueError("forest arrays do not match its classes or trees")
         left = self.packed >> _FEATURE_BITS
         feature = self.packed & ((1 << _FEATURE_BITS) - 1)
-        leaf = np.isinf(self.threshold)
+        if np.isnan(self.threshold).any():
+            raise ValueError("forest thresholds must not be NaN")
+        leaf = self.threshold == np.inf  # as in _forest.c: +inf marks a leaf
         inner = ~leaf
         if np.any(left < 0) or np.any(left[inner] + 1 >= nodes) or np.any(feature >= len(self.columns)):
             raise ValueError("forest nodes point outside the forest or its input columns")

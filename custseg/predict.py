@@ -157,6 +157,9 @@ def _write_forest(folder: Path, pipeline: Any, parity_frames: Mapping[str, pd.Da
         forest = compile_pipeline(pipeline)
         if forest is None:
             return {"passed": False, "reason": "not a forest"}
+        if not kernel_available():
+            logger.warning("custseg was installed without its C forest kernel; batches will use ONNX")
+            return {"passed": False, "reason": "the C kernel (custseg._forest) is not built here"}
         result: dict[str, Any] = {"passed": True}
         for name, frame in parity_frames.items():
             features = frame[list(schema.FEATURE_NAMES)]
