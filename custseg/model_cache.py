@@ -4,7 +4,8 @@ Importing MLflow and opening its store takes seconds; scoring a million rows can
 artifacts never change once registered, so its bundle is kept under ``<home>/cache/models/<name>/<version>``
 after the first download. Which version a URI names (``models:/customer-segments@champion``) can change
 at any time, so the answer is kept only with a *stamp* of the registry it came from: size, modification
-time and inode of the embedded SQLite database and of its journal files. Any write to the registry (an
+time and inode of the embedded SQLite database and of its journal files, and SQLite's file change
+counter (which every committed write bumps). Any write to the registry (an
 alias moved, a version added or deleted) changes the stamp, and the next run asks MLflow again.
 
 Only a local SQLite registry (the embedded store, or a ``sqlite:///`` tracking URI) can be stamped; with
@@ -81,6 +82,14 @@ def registry_stamp(settings: Settings) -> list[list[int]] | None:
         if path.name.endswith("-journal"):
             return None  # a write is in progress: do not trust (or record) anything
         stamp.append([stat.st_size, stat.st_mtime_ns, stat.st_ino])
+    try:
+        # SQLite's file change counter (header bytes 24-27, bumped by every committed write in rollback
+        # mode): a change even where modification times are coarse.
+        with database.open("rb") as f:
+            f.seek(24)
+            stamp.append(list(f.read(4)))
+    except OSError:
+        return None
     return stamp
 
 
@@ -90,12 +99,15 @@ def lookup(settings: Settings, uri: str) -> CachedModel | None:
     if stamp is None:
         return None
     entry = _read_resolved(settings).get(_key(settings, uri))
-    if not entry or entry.get("stamp") != stamp:
+    if not isinstance(entry, dict) or entry.get("stamp") != stamp:
         return None
-    folder = _bundle_folder(settings, entry["name"], entry["version"])
+    name, version = entry.get("name"), entry.get("version")
+    if not isinstance(name, str) or not isinstance(version, str):
+        return None
+    folder = _bundle_folder(settings, name, version)
     if not (folder / "bundle.json").exists():
         return None
-    return CachedModel(entry["name"], entry["version"], folder, from_cache=True)
+    return CachedModel(name, version, folder, from_cache=True)
 
 
 def store(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +83,22 @@ def test_only_a_local_sqlite_registry_can_be_stamped(tmp_path: Path) -> None:
 def test_a_write_in_progress_or_a_changed_file_means_ask_again(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     database = tmp_path / "mlflow.db"
-    database.write_bytes(b"x" * 10)
+    header = bytearray(100)
+    database.write_bytes(bytes(header))
     stamp = registry_stamp(settings)
     assert stamp is not None and stamp == registry_stamp(settings)
-    database.write_bytes(b"x" * 11)
-    assert registry_stamp(settings) != stamp
+    database.write_bytes(bytes(header) + b"x")
+    grown = registry_stamp(settings)
+    assert grown != stamp
+
+    # Same size, same modification time (a file system with coarse times): SQLite's change counter tells.
+    before = database.stat()
+    header[27] = 1
+    database.write_bytes(bytes(header) + b"x")
+    os.utime(database, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert database.stat().st_mtime_ns == before.st_mtime_ns
+    assert registry_stamp(settings) != grown
+
     Path(f"{database}-journal").write_bytes(b"")
     assert registry_stamp(settings) is None
 
