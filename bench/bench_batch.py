@@ -112,16 +112,11 @@ def prepare_home(home: Path | None, work: Path) -> Path:
 def download_bundle(home: Path, work: Path) -> tuple[Path, str]:
     os.environ["CUSTSEG_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    import mlflow
-
-    from custseg.registry import resolve
+    from custseg.registry import download_bundle, resolve
     from custseg.settings import Settings
 
     ref = resolve(Settings())
-    folder = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{ref.uri}/artifacts/bundle", dst_path=str(work)
-    )
-    return Path(folder), ref.version
+    return download_bundle(ref, work), ref.version
 
 
 def compare_labels(custseg_csv: Path, naive_csv: Path, rows: int) -> int:

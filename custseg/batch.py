@@ -42,8 +42,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from custseg.data import (
-    CSV_EXTENSIONS,
-    PARQUET_EXTENSIONS,
+    file_format,
     format_by_extension,
     missing_columns,
     row_problems,
@@ -293,16 +292,6 @@ def output_table(ids: pa.Array, scores: Scores, model_version: str) -> pa.Table:
 # --------------------------------------------------------------------------------------------------
 
 
-def _input_format(path: Path) -> str:
-    if fmt := format_by_extension(path):
-        return fmt
-    raise DataError(
-        f"Cannot read '{path}': unknown file extension '{path.suffix or '(none)'}'. `custseg score` reads "
-        f"CSV ({', '.join(CSV_EXTENSIONS)}) and Parquet ({', '.join(PARQUET_EXTENSIONS)}) files, chosen "
-        "by extension; rename the file or convert it."
-    )
-
-
 def _output_format(path: Path, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in ("csv", "parquet"):
@@ -357,7 +346,7 @@ class _Source:
     def __init__(self, path: Path, chunk_rows: int) -> None:
         self.path = path
         self.chunk_rows = chunk_rows
-        self.format = _input_format(path)
+        self.format = file_format(path, "`custseg score`")
         self.total_rows: int | None = None
         self._file: pa.NativeFile | None = None
         self._size = 1

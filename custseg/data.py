@@ -106,11 +106,12 @@ def format_by_extension(path: Path) -> str | None:
     return None
 
 
-def _file_format(path: Path) -> str:
+def file_format(path: Path, reader: str = "custseg") -> str:
+    """``"csv"`` or ``"parquet"`` for ``path``, or a DataError naming the extensions ``reader`` accepts."""
     if fmt := format_by_extension(path):
         return fmt
     raise DataError(
-        f"Cannot read '{path}': unknown file extension '{path.suffix or '(none)'}'. custseg reads CSV "
+        f"Cannot read '{path}': unknown file extension '{path.suffix or '(none)'}'. {reader} reads CSV "
         f"and Parquet files and chooses by extension ({_SUPPORTED}); rename the file or convert it to "
         "one of these formats."
     )
@@ -131,7 +132,7 @@ def load_table(path: str | Path) -> pd.DataFrame:
         )
     if not path.is_file():
         raise DataError(f"Cannot read '{path}': it is a directory, not a file. Pass the path of a data file.")
-    fmt = _file_format(path)
+    fmt = file_format(path)
     try:
         frame = pd.read_csv(path, dtype={ID_COLUMN: str}) if fmt == "csv" else pd.read_parquet(path)
     except pd.errors.EmptyDataError:
@@ -664,7 +665,7 @@ def write_generated(
     _check_generate_args(rows, label_noise, 1)
     if chunk_rows < 1:
         raise DataError(f"chunk_rows must be 1 or more (got {chunk_rows}).")
-    fmt = _file_format(path)
+    fmt = file_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width = _id_width(rows)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -126,11 +126,9 @@ def store(
     if not (folder / "bundle.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
-            fetched = download(Path(tmp))
-            staged = Path(tmp) / "staged"
-            shutil.copytree(fetched, staged)
+            fetched = download(Path(tmp))  # inside folder.parent: renamed into place, not copied
             with contextlib.suppress(OSError):  # another process stored it first: keep theirs
-                os.replace(staged, folder)
+                os.replace(fetched, folder)
     if stamp is not None:
         resolved = _read_resolved(settings)
         resolved[_key(settings, uri)] = {"name": name, "version": version, "stamp": stamp}

@@ -90,18 +90,20 @@ def export_onnx(pipeline: Any) -> bytes:
 
 def check_parity(pipeline: Any, onnx_bytes: bytes, frame: pd.DataFrame) -> dict[str, float | int | bool]:
     """Compare ONNX Runtime with scikit-learn on ``frame``: label agreement and largest probability gap."""
-    session = _onnx_session(onnx_bytes)
-    onnx_labels, onnx_proba = _run_onnx(session, to_columns(frame))
-    sk_labels = pipeline.predict(frame[list(schema.FEATURE_NAMES)])
-    sk_proba = pipeline.predict_proba(frame[list(schema.FEATURE_NAMES)])
-    mismatches = int((onnx_labels != sk_labels).sum())
-    max_gap = float(np.abs(onnx_proba - sk_proba).max()) if len(frame) else 0.0
-    return {
-        "rows": len(frame),
-        "label_mismatches": mismatches,
-        "max_probability_gap": max_gap,
-        "passed": mismatches == 0 and max_gap <= PROBA_TOLERANCE,
-    }
+    labels, probabilities = _run_onnx(_onnx_session(onnx_bytes), to_columns(frame))
+    result = compare_with_pipeline(pipeline, frame, labels, probabilities)
+    close = result["label_mismatches"] == 0 and result["max_probability_gap"] <= PROBA_TOLERANCE
+    return {**result, "passed": close}
+
+
+def compare_with_pipeline(
+    pipeline: Any, frame: pd.DataFrame, labels: np.ndarray, probabilities: np.ndarray
+) -> dict[str, float | int | bool]:
+    """Rows, label mismatches and largest probability gap of another engine's answers on ``frame``."""
+    features = frame[list(schema.FEATURE_NAMES)]
+    mismatches = int((labels != pipeline.predict(features)).sum())
+    gap = float(np.abs(probabilities - pipeline.predict_proba(features)).max()) if len(frame) else 0.0
+    return {"rows": len(frame), "label_mismatches": mismatches, "max_probability_gap": gap}
 
 
 def write_bundle(
@@ -162,15 +164,11 @@ def _write_forest(folder: Path, pipeline: Any, parity_frames: Mapping[str, pd.Da
             return {"passed": False, "reason": "the C kernel (custseg._forest) is not built here"}
         result: dict[str, Any] = {"passed": True}
         for name, frame in parity_frames.items():
-            features = frame[list(schema.FEATURE_NAMES)]
-            proba = forest.predict_proba(forest.encode(to_columns(features)))
-            expected = pipeline.predict_proba(features)
-            labels_equal = bool(
-                np.array_equal(np.asarray(forest.classes)[proba.argmax(axis=1)], pipeline.predict(features))
-            )
-            gap = float(np.abs(proba - expected).max()) if len(frame) else 0.0
-            result[name] = {"rows": len(frame), "labels_equal": labels_equal, "max_probability_gap": gap}
-            result["passed"] = result["passed"] and labels_equal and gap == 0.0
+            proba = forest.predict_proba(forest.encode(to_columns(frame)))
+            labels = np.asarray(forest.classes)[proba.argmax(axis=1)]
+            result[name] = compare_with_pipeline(pipeline, frame, labels, proba)
+            exact = result[name]["label_mismatches"] == 0 and result[name]["max_probability_gap"] == 0.0
+            result["passed"] = result["passed"] and exact
         if result["passed"]:
             forest.save(folder / FOREST_FILE)
         else:

@@ -15,7 +15,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -27,7 +26,7 @@ from custseg.batch import EXIT_REJECTED, BatchProgress, score_file
 from custseg.data import generate, write_generated
 from custseg.errors import DataError, DataValidationError
 from custseg.predict import Scorer
-from custseg.registry import connect
+from custseg.registry import connect, download_bundle
 from custseg.schema import FEATURE_NAMES, ID_COLUMN
 
 from .conftest import TrainedHome
@@ -40,10 +39,8 @@ GOOD = "{id},42,Female,65000,12000.5,40,300.0,55.5,1,30,20"
 @pytest.fixture(scope="module")
 def bundle_dir(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The champion's bundle folder, downloaded once (subprocesses load it without MLflow)."""
-    dst = tmp_path_factory.mktemp("bundle")
-    uri = f"{trained_home.registration.model.uri}/artifacts/bundle"
     connect(trained_home.settings)  # models:/ URIs resolve through the process-wide registry URI
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    return download_bundle(trained_home.registration.model, tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

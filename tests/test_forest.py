@@ -163,7 +163,7 @@ def test_bundles_keep_a_forest_only_for_forests(training: pd.DataFrame, tmp_path
     assert forest_meta["forest"] is True and (tmp_path / "rf" / FOREST_FILE).exists()
     assert forest_meta["forest_parity"]["fresh"] == {
         "rows": 2_000,
-        "labels_equal": True,
+        "label_mismatches": 0,
         "max_probability_gap": 0.0,
     }
     boosted = build_pipeline(GradientBoostingClassifier(n_estimators=5, random_state=0))

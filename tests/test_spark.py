@@ -7,7 +7,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +16,7 @@ from custseg.batch_spark import ModelBundle, SparkJobError, load_bundle, score_s
 from custseg.data import generate, write_generated
 from custseg.errors import DataError
 from custseg.predict import Scorer
-from custseg.registry import connect
+from custseg.registry import connect, download_bundle
 from custseg.schema import FEATURE_NAMES, ID_COLUMN
 
 from .conftest import TrainedHome
@@ -55,9 +54,8 @@ def bundle(trained_home: TrainedHome) -> ModelBundle:
 
 @pytest.fixture(scope="module")
 def scorer(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFactory) -> Scorer:
-    uri = f"{trained_home.registration.model.uri}/artifacts/bundle"
     connect(trained_home.settings)  # models:/ URIs resolve through the process-wide registry URI
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path_factory.mktemp("b")))
+    folder = download_bundle(trained_home.registration.model, tmp_path_factory.mktemp("b"))
     scorer = Scorer.from_bundle(folder, compiled=True)  # what `custseg score` uses
     assert scorer.backend == "forest"
     return scorer
