@@ -7,19 +7,38 @@ DATA ?= data/customers.csv
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# The exact, tested versions of everything `.[dev]` needs (`make lock` regenerates it from pyproject.toml).
+LOCK := requirements.lock
+# uv installs from the lock (seconds where pip takes minutes); its own version comes from the lock too.
+UV := $(BIN)/uv
+UV_VERSION = $(shell sed -n 's/^uv==//p' $(LOCK))
+# uv's cache and the venv may sit on different file systems: copy instead of trying hard links first.
+export UV_LINK_MODE ?= copy
 
 .PHONY: setup run train serve test lint format bench ui clean
 
-# Create .venv in the repository root and install custseg with every extra the tests use.
+# Create .venv in the repository root and install custseg with every extra the tests use, at the lock's
+# versions (from PyPI). Without uv the same install is: pip install -c requirements.lock -e ".[dev]".
 # The install compiles custseg/_forest.c (the batch forest kernel) with the machine's C compiler.
-$(STAMP): pyproject.toml setup.py custseg/_forest.c
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or run: make PYTHON=python3 ...)"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+$(STAMP): pyproject.toml setup.py custseg/_forest.c $(LOCK) | $(UV)
+	$(UV) pip install --python $(BIN)/python --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
+$(UV):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or run: make PYTHON=python3 ...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+
 setup: $(STAMP)
+
+# Re-resolve the lock from pyproject.toml's ranges for Python 3.11 on Linux x86-64 (the machines custseg is
+# tested and deployed on). Pins that still fit are kept; `make lock UPGRADE=1` moves all to the newest allowed.
+# Then copy changed runtime pins into deploy/azureml/environment.yml (tests/test_dependencies.py checks).
+.PHONY: lock
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu --custom-compile-command "make lock" \
+		$(if $(UPGRADE),--upgrade) --quiet -o $(LOCK)
 
 # Set up, train on the bundled sample, register in MLflow (alias champion if it is the best so far), serve.
 run: setup train serve
@@ -51,6 +70,11 @@ bench: setup
 	$(BIN)/python bench/bench_drift_false_alarms.py
 	$(BIN)/python bench/bench_batch.py
 	$(BIN)/python bench/bench_api.py
+
+# The docs site (docs/ + mkdocs.yml; tools/gen_docs.py generates the CLI, configuration and HTTP API pages).
+.PHONY: docs
+docs: setup
+	$(BIN)/mkdocs build --strict -d site
 
 ui: setup
 	$(BIN)/custseg ui

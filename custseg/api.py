@@ -1,27 +1,32 @@
 """The HTTP API: a thin FastAPI layer over `custseg.predict.Scorer`.
 
-One pure-ASGI middleware does the per-request plumbing (request id, body limit, API keys, metrics,
-access log, last-resort JSON 500); the routes parse and validate records, build the ONNX inputs
-straight from them (no DataFrame per request) and answer with orjson. A background task polls the
-registry and swaps the served model atomically; the old model keeps answering until the new one has
-loaded and passed its checks.
+One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
+keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
+and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
+with orjson. A background task polls the registry and swaps the served model atomically; the old
+model keeps answering until the new one has loaded and passed its checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 import numpy as np
@@ -61,9 +66,11 @@ from custseg.errors import (
     ModelLoadError,
     ModelNotFoundError,
     Problem,
+    RegistryUnavailableError,
 )
 from custseg.predict import Scorer, Scores
 from custseg.predlog import PredictionLogError, UnknownFeedbackError
+from custseg.redact import redact_text
 from custseg.registry import ModelRef, load_scorer, resolve
 from custseg.settings import Settings
 
@@ -75,9 +82,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-NUMBER_CAP = 1e15
-"""Upper bound for features the schema leaves open: keeps values finite in the model's float32 inputs."""
 
 REJECTED_RETRY_SECONDS = 60.0
 """A version that failed to load or check is tried again after this long (or 10 polls), not every poll."""
@@ -91,15 +95,94 @@ OPEN_PATHS = frozenset(
 """Paths served without an API key: liveness, readiness and the (secret-free) API description."""
 
 KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score", "/feedback"})
+JSON_BODY_PATHS = frozenset({"/predict", "/score", "/feedback"})
+"""The POST routes; each takes a JSON body (other paths answer POST with 404 or 405)."""
+SCOPES = ("scoring", "feedback", "admin")
+"""What an API key may do: score, record feedback, operate (metrics, admin actions)."""
+PATH_SCOPES = {"/predict": "scoring", "/score": "scoring", "/feedback": "feedback", "/metrics": "admin"}
+"""The scope each path needs; other keyed paths (``/model``) accept a key of any scope."""
+ANONYMOUS = "anonymous"
+"""The caller's identity when no API keys are configured (loopback serving)."""
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+HOST_CHECK_EXEMPT = frozenset({"/", "/health/live", "/health/ready"})
+"""Probes (load balancers, Kubernetes) use the pod address as Host; these paths reveal nothing."""
+CUSTOMER_ID_MAX = 128
+"""Longest customer_id: the prediction log's column width (custseg.predlog.build_tables)."""
+REQUEST_ID_MAX = 64
+"""Longest request_id the prediction log's column holds (feedback names one)."""
+FEEDBACK_RETRY_SECONDS = 5
+"""Retry-After of a 503 when feedback cannot be stored in time."""
 RID_HEADER = b"x-request-id"
 CLIENT_CLOSED = 499
 """Status recorded in metrics and the access log when the client left mid-request (nginx's convention)."""
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+"""Control characters (PostgreSQL text refuses NUL) and lone surrogates (not encodable as UTF-8)."""
+_PRINTABLE_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+_PRINTABLE_NOT_BLANK_PATTERN = (
+    r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+)
+"""The same rule for the OpenAPI document (ECMA-262 regex), ids also not blank."""
 _JSON = "application/json"
 _METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 MAX_FEEDBACK_RECORDS = 10_000
 """Most feedback records one POST /feedback may carry."""
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# -- refusals only the HTTP layer makes -------------------------------------------------------------
+
+
+class ForbiddenError(CustsegError):
+    """A valid API key without the scope the path needs (403)."""
+
+
+class UnsupportedMediaTypeError(CustsegError):
+    """A POST whose body is not declared as JSON (415): browsers cannot send JSON cross-site unasked."""
+
+
+class UntrustedHostError(CustsegError):
+    """A Host header the server does not answer to (400): DNS-rebinding protection."""
+
+
+class FeedbackUnavailableError(CustsegError):
+    """Feedback cannot be stored in time (503 with Retry-After): writers busy or the log too slow."""
+
+
+class PredictionLogDisabledError(CustsegError):
+    """The server runs without a prediction log, so feedback cannot be stored (503)."""
+
+
+# -- API keys and their scopes ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One accepted key: the secret, a short non-secret name for logs and feedback, its scopes."""
+
+    secret: bytes = field(repr=False)
+    name: str
+    scopes: frozenset[str]
+
+
+def key_name(key: str) -> str:
+    """``key#`` and the first 8 hex digits of the key's SHA-256: says which key, reveals nothing."""
+    return "key#" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def configured_keys(settings: Settings) -> list[ApiKey]:
+    """Every configured key with the union of its scopes; ``api_keys`` (the original list) means all."""
+    scopes: dict[str, set[str]] = {}
+    for key in settings.api_keys:
+        scopes.setdefault(key, set()).update(SCOPES)
+    for scope, keys in (
+        ("scoring", settings.scoring_keys),
+        ("feedback", settings.feedback_keys),
+        ("admin", settings.admin_keys),
+    ):
+        for key in keys:
+            scopes.setdefault(key, set()).add(scope)
+    return [ApiKey(k.encode(), key_name(k), frozenset(v)) for k, v in scopes.items()]
+
 
 # -- request and response models (generated from the schema) ---------------------------------------
 
@@ -132,8 +215,9 @@ def _field_type(feature: schema.Feature) -> Any:
         ]
     number = Field(
         strict=True,
-        ge=feature.minimum,
-        le=feature.maximum if feature.maximum is not None else NUMBER_CAP,
+        # The schema's domain, open ends capped at schema.NUMBER_CAP (the bound batch checks too).
+        ge=feature.lower_bound,
+        le=feature.upper_bound,
         description=f"{feature.description} {feature.domain_text()}.",
         examples=[feature.example],
     )
@@ -149,14 +233,28 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
+def storable_text(value: str) -> str:
+    """Text the prediction log can store: no control characters (NUL breaks PostgreSQL), no lone
+    surrogates. Checked at the edge so one bad request can never stop the log's writer."""
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        raise ValueError(
+            f"contains the control character U+{ord(found.group()):04X} at position {found.start()}; "
+            "send printable text"
+        )
+    return value
+
+
 def _record_model() -> type[BaseModel]:
     fields: dict[str, Any] = {f.name: (_field_type(f), ...) for f in schema.FEATURES}
     fields["customer_id"] = (
-        str | None,
+        Annotated[str, AfterValidator(storable_text)] | None,
         Field(
             default=None,
-            max_length=128,
-            description="Optional identifier, echoed back in `customer_ids` and kept in the prediction log.",
+            max_length=CUSTOMER_ID_MAX,
+            description="Optional identifier, echoed back in `customer_ids` and kept in the prediction log "
+            "(no control characters).",
+            json_schema_extra={"pattern": _PRINTABLE_PATTERN},
         ),
     )
     return create_model(
@@ -187,7 +285,12 @@ class PredictionResponse(BaseModel):
         examples=[[{"high_value": 0.03, "low_value": 0.0, "medium_value": 0.97}]]
     )
     model: ModelSummary
-    request_id: str
+    request_id: str = Field(
+        description="The server's id of this request: the prediction log's key, what /feedback takes."
+    )
+    client_request_id: str | None = Field(
+        default=None, description="The caller's X-Request-ID, when it sent a usable one (kept in the log)."
+    )
     customer_ids: list[str | None] | None = Field(
         default=None, description="Present when any record carried a customer_id."
     )
@@ -204,12 +307,16 @@ class ErrorItem(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(examples=["invalid_input"])
     message: str
-    request_id: str
+    request_id: str = Field(description="The server's id of this request (quote it when asking for help).")
+    client_request_id: str | None = Field(default=None, description="The caller's X-Request-ID, if any.")
     errors: list[ErrorItem] = Field(default_factory=list)
 
 
 class FeedbackResponse(BaseModel):
     written: int = Field(description="Feedback records stored now.")
+    corrected: int | None = Field(
+        default=None, description="Of those, how many replace an earlier true segment (kept as history)."
+    )
     duplicates: list[str] = Field(
         description="Keys already recorded earlier (or twice in this body): not written."
     )
@@ -223,6 +330,8 @@ class Liveness(BaseModel):
 class Readiness(BaseModel):
     status: str = Field(examples=["ready"])
     model: ModelSummary
+    registry: str = Field(default="reachable", examples=["reachable", "unreachable"])
+    """Whether the last registry poll succeeded; the loaded model keeps serving while it is unreachable."""
 
 
 class FeatureInfo(BaseModel):
@@ -276,16 +385,27 @@ class PredictionLog(Protocol):
         probabilities: Any,
         classes: Sequence[str],
         latency_ms: float | None,
+        *,
+        client_request_id: str | None = None,
     ) -> None: ...
     def close(self) -> None: ...
 
 
 class ApiMetrics:
-    """Prometheus metrics in a registry of their own (one per app)."""
+    """Prometheus metrics of one app.
+
+    One worker: the metrics live in this app's registry. Several workers (``PROMETHEUS_MULTIPROC_DIR``
+    set by ``custseg serve``): every worker writes its values to files in that folder and a scrape of
+    any worker adds them up with prometheus-client's ``MultiProcessCollector``. Collectors that compute
+    values at scrape time (the prediction log's counters, the live monitor's gauges) cannot be shared
+    that way: they report the scraped worker's own values, labelled ``pid``.
+    """
 
     def __init__(self) -> None:
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        """Collectors evaluated at scrape time (see the class docstring)."""
+        r = None if self.multiprocess else self.registry
         self.requests = Counter(
             "custseg_http_requests_total", "HTTP requests.", ["method", "route", "status"], registry=r
         )
@@ -296,17 +416,30 @@ class ApiMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("custseg_http_requests_in_flight", "Requests being served.", registry=r)
+        self.in_flight = Gauge(
+            "custseg_http_requests_in_flight",
+            "Requests being served.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.predictions = Counter(
             "custseg_predictions_total", "Rows scored, by predicted segment.", ["label"], registry=r
         )
+        # livemax: a version counts as served while any live worker serves it (during a hot swap, both)
         self.model_info = Gauge(
             "custseg_model_info",
             "The model being served (value 1).",
             ["name", "version", "backend"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.model_loaded = Gauge("custseg_model_loaded", "1 when a model is loaded and serving.", registry=r)
+        # livemin: 1 only when every live worker has a model
+        self.model_loaded = Gauge(
+            "custseg_model_loaded",
+            "1 when a model is loaded and serving.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.swaps = Counter("custseg_model_swaps_total", "Models loaded and put into service.", registry=r)
         self.swap_failures = Counter(
             "custseg_model_swap_failures_total",
@@ -315,7 +448,34 @@ class ApiMetrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        scrape = CollectorRegistry()
+        multiprocess.MultiProcessCollector(scrape)
+        scrape.register(_WorkerCollector(self.registry, str(os.getpid())))
+        return generate_latest(scrape)
+
+    def close(self) -> None:
+        """Mark this worker dead: its live gauges leave the sums (counters keep what it counted)."""
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
+
+
+class _WorkerCollector:
+    """This worker's scrape-time collectors, each sample labelled with the worker's ``pid``."""
+
+    def __init__(self, registry: CollectorRegistry, pid: str) -> None:
+        self.registry = registry
+        self.pid = pid
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={**s.labels, "pid": self.pid}) for s in family.samples]
+            yield family
 
 
 class ModelHolder:
@@ -327,20 +487,25 @@ class ModelHolder:
         self.metrics = metrics
         self.current: LoadedModel | None = None
         self._rejected: dict[str, float] = {}  # version URI -> monotonic time of the next attempt
+        self.registry_problem: str | None = None  # the last poll's RegistryUnavailableError, if any
 
     async def refresh(self) -> None:
         """Load the version the URI names now if it is not the one being served; never raises."""
         try:
             ref = await asyncio.to_thread(resolve, self.settings, self.model_uri)
         except ModelNotFoundError as exc:
+            self.registry_problem = None
             if self.current is None:
                 logger.info("no model to serve yet: %s", exc)
             else:
                 logger.warning("%s; still serving version %s", exc, self.current.ref.version)
             return
         except Exception as exc:  # the registry may be briefly unreachable; try again next poll
-            logger.warning("could not reach the model registry (%s: %s)", type(exc).__name__, exc)
+            self.registry_problem = redact_text(str(exc))
+            kept = f"still serving version {self.current.ref.version}" if self.current else "no model yet"
+            logger.warning("%s (%s); %s", type(exc).__name__, self.registry_problem, kept)
             return
+        self.registry_problem = None
         current = self.current
         if current is not None and current.ref.version == ref.version and current.ref.name == ref.name:
             return
@@ -348,6 +513,10 @@ class ModelHolder:
             return  # refused recently: do not download and check it again on every poll
         try:
             scorer, loaded_ref = await asyncio.to_thread(load_scorer, self.settings, ref.uri)
+        except RegistryUnavailableError as exc:  # not the version's fault: try again next poll
+            self.registry_problem = str(exc)
+            logger.warning("%s", exc)
+            return
         except Exception as exc:  # a broken version must never replace a working one
             self.metrics.swap_failures.inc()
             wait = max(REJECTED_RETRY_SECONDS, 10 * self.settings.model_poll_seconds)
@@ -357,7 +526,7 @@ class ModelHolder:
                 "model %s failed to load or check (%s: %s); %s; next attempt in %.0f s",
                 ref.uri,
                 type(exc).__name__,
-                exc,
+                redact_text(str(exc)),
                 kept,
                 wait,
             )
@@ -379,6 +548,8 @@ class ModelHolder:
         if previous is not None:
             with suppress(KeyError):
                 old = previous.ref
+                # 0 first: with several workers the value stays in the shared files after remove()
+                self.metrics.model_info.labels(old.name, old.version, previous.scorer.backend).set(0)
                 self.metrics.model_info.remove(old.name, old.version, previous.scorer.backend)
         self.metrics.model_info.labels(ref.name, ref.version, scorer.backend).set(1)
         was = f"replacing version {previous.ref.version}" if previous else "first model"
@@ -388,6 +559,56 @@ class ModelHolder:
         while True:
             await asyncio.sleep(every)
             await self.refresh()
+
+
+class FeedbackWriter:
+    """Runs ``record_feedback`` in threads of its own with a bounded wait.
+
+    Feedback waits on the database (a flush of the log, then a transaction); in the default thread
+    pool, which batch scoring and registry polls share, a few stuck calls stalled scoring. Here at
+    most ``threads`` calls run and as many wait; beyond that, or past ``timeout`` seconds, the client
+    gets a 503 with Retry-After at once.
+    """
+
+    def __init__(self, record: Callable[..., Any], *, threads: int, timeout: float) -> None:
+        self.record = record
+        self.timeout = timeout
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="custseg-feedback")
+        self.slots = threading.BoundedSemaphore(2 * threads)
+        self.with_source = _accepts_keyword(record, "source")
+
+    async def write(self, records: list[dict[str, Any]], source: str) -> Any:
+        if not self.slots.acquire(blocking=False):
+            raise FeedbackUnavailableError(
+                "too many feedback writes are waiting for the prediction log; "
+                f"retry in {FEEDBACK_RETRY_SECONDS} s"
+            )
+        kwargs = {"source": source} if self.with_source else {}
+        try:
+            future: Future[Any] = self.executor.submit(self.record, records, **kwargs)
+        except RuntimeError:  # shutting down
+            self.slots.release()
+            raise
+        future.add_done_callback(lambda _: self.slots.release())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
+        except TimeoutError:
+            raise FeedbackUnavailableError(
+                f"the prediction log did not confirm the feedback within {self.timeout:g} s; retry in "
+                f"{FEEDBACK_RETRY_SECONDS} s (feedback stored meanwhile is reported as already recorded)"
+            ) from None
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _accepts_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` takes the keyword ``name`` (logs written against an older interface do not)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 # -- turning requests into model inputs -----------------------------------------------------------
@@ -411,10 +632,7 @@ def parse_records(body: bytes, max_rows: int) -> tuple[list[Any], bool]:
             [Problem("request body is empty: send one customer object or a list of them", column=None)],
             source="request",
         )
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = _lenient_json(body)  # NaN/Infinity/1e400 are reported per field, not as "not JSON"
+    data = load_json(body)
     single = isinstance(data, dict)
     if single:
         items = [data]
@@ -438,12 +656,109 @@ def parse_records(body: bytes, max_rows: int) -> tuple[list[Any], bool]:
         raise DataValidationError(_problems(exc, single), source="request") from None
 
 
-def parse_feedback(body: bytes) -> list[dict[str, Any]]:
-    """Feedback records from a JSON body (one object or a list); fields are checked by the log."""
+def load_json(body: bytes) -> Any:
+    """The JSON document in ``body``; a key given twice in one object is a 422 naming it."""
     try:
-        data = orjson.loads(body) if body.strip() else None
+        data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise DataError("request body is not valid JSON") from None
+        data = _lenient_json(body)  # NaN/Infinity/1e400 are reported per field, not as "not JSON"
+    # Every key is followed by a colon: as many colons as parsed keys proves no key was repeated (a
+    # repeated key drops one from the parsed document), at the cost of bytes.count (~10 us for 100
+    # records). Colons inside strings (ids like "CUST:1") take a second count over the parsed strings;
+    # only escapes, nesting or a real mismatch pay for the exact check.
+    colons = body.count(b":")
+    if colons != _top_level_keys(data) and (b"\\" in body or colons != _colons(data)):
+        _refuse_duplicate_keys(body)
+    return data
+
+
+def _top_level_keys(data: Any) -> int:
+    if isinstance(data, dict):
+        return len(data)
+    if isinstance(data, list):
+        return sum(len(item) for item in data if isinstance(item, dict))
+    return 0
+
+
+def _colons(data: Any) -> int:
+    """The colons a body without escapes has for ``data`` (one list of flat objects); -1 otherwise."""
+    objects = [data] if isinstance(data, dict) else data if isinstance(data, list) else []
+    total = 0
+    for item in objects:
+        if not isinstance(item, dict):
+            if isinstance(item, list):
+                return -1
+            total += item.count(":") if isinstance(item, str) else 0
+            continue
+        for key, value in item.items():
+            total += 1 + key.count(":")
+            if isinstance(value, str):
+                total += value.count(":")
+            elif isinstance(value, dict | list):
+                return -1
+    return total
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object in which some keys appeared more than once."""
+
+    repeated: list[str]
+
+
+def _pairs_keeping_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    repeated: list[str] = []
+    for key, value in pairs:
+        if key in result and key not in repeated:
+            repeated.append(key)
+        result[key] = value
+    if not repeated:
+        return result
+    marked = _Repeated(result)
+    marked.repeated = repeated
+    return marked
+
+
+def _refuse_duplicate_keys(body: bytes) -> None:
+    """Raise a 422 listing every repeated key (JSON parsers silently keep the last value)."""
+    try:
+        data = json.loads(body, object_pairs_hook=_pairs_keeping_repeats)
+    except (ValueError, RecursionError):
+        return  # already parsed by orjson or reported as not JSON
+    single = isinstance(data, dict)
+    problems = [
+        Problem(f"the key '{key}' appears more than once; send each field once", None if single else row, key)
+        for row, obj in _objects(data, single)
+        for key in obj.repeated
+    ]
+    if problems:
+        raise DataValidationError(problems, source="request")
+
+
+def _objects(data: Any, single: bool) -> Iterator[tuple[int, _Repeated]]:
+    """(1-based top-level row, object) for every object with repeated keys, at any depth."""
+    items = [data] if single else data if isinstance(data, list) else []
+    for row, item in enumerate(items, 1):
+        stack = [item]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, _Repeated):
+                yield row, value
+            if isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+
+
+FEEDBACK_FIELDS = {"request_id": REQUEST_ID_MAX, "customer_id": CUSTOMER_ID_MAX}
+"""Feedback's text ids and their longest length (the prediction log's column widths)."""
+
+
+def parse_feedback(body: bytes) -> list[dict[str, Any]]:
+    """Feedback records from a JSON body (one object or a list): shape, ids and ``row_index`` are
+    checked here (what the database could not store is a 422, never a server error); the segment
+    and the ids' existence are checked by the log."""
+    data = load_json(body) if body.strip() else None
     items = [data] if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise DataValidationError(
@@ -458,14 +773,55 @@ def parse_feedback(body: bytes) -> list[dict[str, Any]]:
         raise InputTooLargeError(
             f"{len(items)} feedback records in one request; the limit is {MAX_FEEDBACK_RECORDS}"
         )
-    problems = [
-        Problem("expected a JSON object", row=i)
-        for i, item in enumerate(items, 1)
-        if not isinstance(item, dict)
-    ]
+    problems: list[Problem] = []
+    for i, item in enumerate(items, 1):
+        if isinstance(item, dict):
+            problems += _feedback_problems(item, i)
+        else:
+            problems.append(Problem("expected a JSON object", row=i))
     if problems:
         raise DataValidationError(problems, source="feedback")
     return items
+
+
+def _feedback_problems(item: dict[str, Any], row: int) -> list[Problem]:
+    problems: list[Problem] = []
+    if "ts" in item:
+        problems.append(
+            Problem("the server sets the time of feedback; remove 'ts' from the record", row, "ts")
+        )
+    for name, longest in FEEDBACK_FIELDS.items():
+        value = item.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            problems.append(Problem(f"expected text, got {type(value).__name__}", row, name))
+        elif not value.strip():
+            problems.append(Problem("is blank: give the id or leave the field out", row, name))
+        elif len(value) > longest:
+            problems.append(Problem(f"longer than {longest} characters", row, name))
+        else:
+            try:
+                storable_text(value)
+            except ValueError as exc:
+                problems.append(Problem(str(exc), row, name))
+    index = item.get("row_index")
+    if index is not None and not _is_row_index(index):
+        shown = repr(index) if len(repr(index)) <= 40 else repr(index)[:40] + "..."
+        problems.append(Problem(f"{shown} is not a whole number >= 0", row, "row_index"))
+    return problems
+
+
+def _is_row_index(value: Any) -> bool:
+    """A 0-based position: a JSON integer (56.0 counts) or a string of ASCII digits (older clients)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0
+    # str.isdigit() accepts '²' and other digits int() refuses: ASCII only
+    return isinstance(value, str) and value.isascii() and value.strip().isdigit()
 
 
 def _feedback_body_spec() -> dict[str, Any]:
@@ -474,13 +830,19 @@ def _feedback_body_spec() -> dict[str, Any]:
         "properties": {
             "request_id": {
                 "type": "string",
-                "pattern": r"\S",
+                "pattern": _PRINTABLE_NOT_BLANK_PATTERN,
+                "maxLength": REQUEST_ID_MAX,
                 "description": "request_id of the answered prediction",
             },
-            "row_index": {"type": "integer", "description": "0-based position in that request's batch"},
+            "row_index": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "0-based position in that request's batch",
+            },
             "customer_id": {
                 "type": "string",
-                "pattern": r"\S",
+                "pattern": _PRINTABLE_NOT_BLANK_PATTERN,
+                "maxLength": CUSTOMER_ID_MAX,
                 "description": "instead of request_id: the customer's id",
             },
             "customer_segment": {"type": "string", "enum": list(schema.LABELS)},
@@ -488,6 +850,7 @@ def _feedback_body_spec() -> dict[str, Any]:
         "required": ["customer_segment"],
         # one of the two ids, not blank: what the prediction log checks
         "anyOf": [{"required": ["request_id"]}, {"required": ["customer_id"]}],
+        "not": {"required": ["ts"]},  # the server sets the time
     }
     example = {"request_id": "5f0c6d0e9a8b4c3d", "customer_segment": "high_value"}
     return {
@@ -555,6 +918,19 @@ def error_response(exc: BaseException, request_id: str) -> tuple[int, dict[str, 
         status, code, message = 413, "too_large", str(exc)
     elif isinstance(exc, AuthenticationError):
         status, code, message = 401, "unauthorized", str(exc)
+    elif isinstance(exc, ForbiddenError):
+        status, code, message = 403, "forbidden", str(exc)
+    elif isinstance(exc, UnsupportedMediaTypeError):
+        status, code, message = 415, "unsupported_media_type", str(exc)
+    elif isinstance(exc, UntrustedHostError):
+        status, code, message = 400, "untrusted_host", str(exc)
+    elif isinstance(exc, FeedbackUnavailableError):
+        status, code, message = 503, "feedback_unavailable", str(exc)
+    elif isinstance(exc, PredictionLogDisabledError):
+        status, code, message = 503, "prediction_log_disabled", str(exc)
+    elif isinstance(exc, RegistryUnavailableError):
+        status, code = 503, "registry_unavailable"
+        message = "the model registry cannot be reached and no model is loaded yet; try again shortly"
     elif isinstance(exc, ModelNotFoundError | ModelLoadError):
         status, code, message = 503, "no_model", "no model is loaded yet; try again shortly"
     elif isinstance(exc, UnknownFeedbackError):
@@ -563,7 +939,9 @@ def error_response(exc: BaseException, request_id: str) -> tuple[int, dict[str, 
             {"field": None, "row": None, "reason": f"no logged prediction for {u}"} for u in exc.unknown
         ]
     elif isinstance(exc, PredictionLogError):
-        status, code, message = 503, "prediction_log_unavailable", str(exc)
+        # Its text names the database (URL, host, user, driver message): the log gets it, never the client.
+        status, code = 503, "prediction_log_unavailable"
+        message = "the prediction log is unavailable right now; try again later"
     elif isinstance(exc, StarletteHTTPException):
         status = exc.status_code
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
@@ -579,8 +957,10 @@ def error_response(exc: BaseException, request_id: str) -> tuple[int, dict[str, 
     return status, {"error": code, "message": message, "request_id": request_id, "errors": errors}
 
 
-def _json_error(exc: BaseException, request_id: str) -> Response:
+def _json_error(exc: BaseException, request_id: str, client_request_id: str | None = None) -> Response:
     status, body = error_response(exc, request_id)
+    if client_request_id is not None:
+        body["client_request_id"] = client_request_id
     headers: dict[str, str] = {}
     if isinstance(exc, StarletteHTTPException) and exc.headers:
         headers.update(exc.headers)  # e.g. the Allow header a 405 must carry
@@ -588,6 +968,8 @@ def _json_error(exc: BaseException, request_id: str) -> Response:
         headers["connection"] = "close"
     elif status == 401:
         headers["www-authenticate"] = 'Bearer realm="custseg", charset="UTF-8"'
+    elif status == 503 and isinstance(exc, FeedbackUnavailableError | PredictionLogError):
+        headers["retry-after"] = str(FEEDBACK_RETRY_SECONDS)
     return Response(orjson.dumps(body), status_code=status, media_type=_JSON, headers=headers)
 
 
@@ -610,38 +992,47 @@ def new_request_id() -> str:
 
 
 class ApiMiddleware:
-    """Request id, body limit, API keys, metrics and access log for every HTTP request (pure ASGI)."""
+    """Request ids, trusted Host, body limit, API keys and scopes, JSON-only POSTs, metrics and the
+    access log, for every HTTP request (pure ASGI)."""
 
     def __init__(self, app: ASGIApp, *, settings: Settings, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = settings.max_body_bytes
-        self.keys = [k.encode() for k in settings.api_keys]
+        self.keys = configured_keys(settings)
         self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_open else set())
+        trusted = {h.strip().lower() for h in settings.trusted_hosts}
+        self.any_host = "*" in trusted
+        self.hosts = frozenset({*LOOPBACK_HOSTS, *trusted})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = content_length = presented = None
+        client_id = content_length = presented = host = content_type = None
         for name, value in scope["headers"]:
             if name == RID_HEADER:
                 if _SANE_REQUEST_ID.fullmatch(value):
-                    request_id = value.decode()
+                    client_id = value.decode()
             elif name == b"content-length":
                 content_length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"host":
+                host = value
             elif name == b"x-api-key":
                 presented = value
             elif name == b"authorization" and presented is None and value[:7].lower() == b"bearer ":
                 presented = value[7:].strip()
-        if request_id is None:
-            request_id = new_request_id()
+        # The server's own id is the log's key (unique by construction); a client's id is kept beside it.
+        request_id = new_request_id()
         scope["custseg.request_id"] = request_id
+        scope["custseg.client_request_id"] = client_id
         scope["custseg.started"] = started
         path = scope["path"]
         route = path if path in KNOWN_PATHS else "other"
-        rid_header = (RID_HEADER, request_id.encode())
+        rid_header = (RID_HEADER, (client_id or request_id).encode())
         status_holder = [500]
         started_response = [False]
 
@@ -654,9 +1045,9 @@ class ApiMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            early = self._refuse(path, content_length, presented)
+            early = self._refuse(scope, host, presented, content_type, content_length)
             if early is not None:
-                await _send_error(send_with_id, early, request_id)
+                await _send_error(send_with_id, early, request_id, client_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except ClientDisconnect:
@@ -667,9 +1058,9 @@ class ApiMiddleware:
             if isinstance(exc, CustsegError):
                 logger.info("request %s refused: %s", request_id, exc)
             else:
-                logger.exception("request %s failed", request_id)
+                logger.exception("request %s (client id %s) failed", request_id, client_id)
             if not started_response[0]:
-                await _send_error(send_with_id, exc, request_id)
+                await _send_error(send_with_id, exc, request_id, client_id)
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
@@ -683,24 +1074,53 @@ class ApiMiddleware:
                         {
                             "ts": time.time(),
                             "request_id": request_id,
+                            "client_request_id": client_id,
                             "method": scope["method"],
                             "path": path,
                             "status": status,
                             "latency_ms": round(elapsed * 1000, 3),
                             "model_version": scope.get("custseg.model_version"),
+                            "key": scope.get("custseg.key"),
                             "client": (scope.get("client") or (None,))[0],
                         }
                     ).decode()
                 )
 
-    def _refuse(self, path: str, content_length: bytes | None, presented: bytes | None) -> Exception | None:
-        if self.keys and path not in self.open_paths:
-            ok = False
-            if presented:
-                for key in self.keys:  # compare with every key: timing says nothing about which matched
-                    ok |= hmac.compare_digest(key, presented)
-            if not ok:
+    def _refuse(
+        self,
+        scope: Scope,
+        host: bytes | None,
+        presented: bytes | None,
+        content_type: bytes | None,
+        content_length: bytes | None,
+    ) -> Exception | None:
+        """The first reason to answer without running the route, or None (sets the caller's key)."""
+        path = scope["path"]
+        if not self.any_host and host is not None and path not in HOST_CHECK_EXEMPT:
+            name = _host_name(host)
+            if name not in self.hosts:
+                return UntrustedHostError(
+                    f"this server does not answer to the host name {name[:100]!r}; "
+                    "the operator can add it to CUSTSEG_TRUSTED_HOSTS"
+                )
+        if not self.keys:
+            scope["custseg.key"] = ANONYMOUS
+        elif path not in self.open_paths:
+            key = self._authenticate(presented)
+            if key is None:
                 return AuthenticationError("a valid API key is required (X-API-Key or Authorization: Bearer)")
+            scope["custseg.key"] = key.name
+            needed = PATH_SCOPES.get(path)
+            if needed is not None and needed not in key.scopes:
+                return ForbiddenError(
+                    f"API key {key.name} may not use {path}: it needs the '{needed}' scope "
+                    f"(a key in CUSTSEG_{needed.upper()}_KEYS or CUSTSEG_API_KEYS); "
+                    f"this key has: {', '.join(sorted(key.scopes))}"
+                )
+        if scope["method"] == "POST" and path in JSON_BODY_PATHS and not _is_json(content_type):
+            return UnsupportedMediaTypeError(
+                "send the body as JSON with the header Content-Type: application/json"
+            )
         if content_length is not None:
             try:
                 declared = int(content_length)
@@ -709,6 +1129,15 @@ class ApiMiddleware:
             if declared > self.max_body:
                 return InputTooLargeError(f"request body is larger than {self.max_body} bytes")
         return None
+
+    def _authenticate(self, presented: bytes | None) -> ApiKey | None:
+        if not presented:
+            return None
+        matched = None
+        for key in self.keys:  # compare with every key: timing says nothing about which matched
+            if hmac.compare_digest(key.secret, presented):
+                matched = key
+        return matched
 
     def _limited(self, receive: Receive) -> Receive:
         limit = self.max_body
@@ -726,8 +1155,24 @@ class ApiMiddleware:
         return counted
 
 
-async def _send_error(send: Send, exc: BaseException, request_id: str) -> None:
-    response = _json_error(exc, request_id)
+def _host_name(host: bytes) -> str:
+    """The name part of a Host header, lower case: ``[::1]:8000`` -> ``[::1]``, ``a.b:80`` -> ``a.b``."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.split("]", 1)[0] + "]"
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """``application/json``, parameters (charset) allowed: a type browsers never send cross-site
+    without asking first (CORS preflight), unlike text/plain or a form."""
+    if content_type is None:
+        return False
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+async def _send_error(send: Send, exc: BaseException, request_id: str, client_id: str | None) -> None:
+    response = _json_error(exc, request_id, client_id)
     await send(
         {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
     )
@@ -737,9 +1182,11 @@ async def _send_error(send: Send, exc: BaseException, request_id: str) -> None:
 # -- the app --------------------------------------------------------------------------------------
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "The body is not JSON."},
+    400: {"model": ErrorResponse, "description": "The body is not JSON, or the Host is not trusted."},
     401: {"model": ErrorResponse, "description": "API keys are configured and none valid was given."},
+    403: {"model": ErrorResponse, "description": "The API key lacks the scope this path needs."},
     413: {"model": ErrorResponse, "description": "Body larger than the configured limit."},
+    415: {"model": ErrorResponse, "description": "The body is not sent as application/json."},
     422: {
         "model": ErrorResponse,
         "description": "Invalid records (or too many): every problem with its field and row.",
@@ -747,8 +1194,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "No model is loaded yet."},
 }
 _FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
-    **{k: _ERRORS[k] for k in (400, 401, 413, 422)},
+    **{k: _ERRORS[k] for k in (400, 401, 403, 413, 415, 422)},
     404: {"model": ErrorResponse, "description": "Ids with no logged prediction; nothing written."},
+    503: {
+        "model": ErrorResponse,
+        "description": "The prediction log is disabled, unavailable or too slow; retry after Retry-After.",
+    },
 }
 
 
@@ -792,6 +1243,15 @@ def create_app(
     max_rows = settings.max_batch_rows
     if plog is not None and hasattr(plog, "register_metrics"):
         plog.register_metrics(metrics.registry)  # log counters and live drift gauges on /metrics
+    record_feedback = getattr(plog, "record_feedback", None)
+    feedback_writer = (
+        FeedbackWriter(
+            record_feedback, threads=settings.feedback_threads, timeout=settings.feedback_timeout_seconds
+        )
+        if record_feedback is not None
+        else None
+    )
+    log_client_ids = plog is not None and _accepts_keyword(plog.submit_scored, "client_request_id")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -806,16 +1266,22 @@ def create_app(
         finally:
             if poller is not None:
                 poller.cancel()
+            if feedback_writer is not None:
+                feedback_writer.close()
             if plog is not None:
                 plog.close()
+            metrics.close()
 
     app = FastAPI(
         title="custseg",
         summary="Customer value segments in real time.",
         description=(
             "Scores customers into `low_value`, `medium_value` or `high_value` with the registry's champion "
-            "model. When `CUSTSEG_API_KEYS` is set, every path except `/`, `/health/*`, `/docs` and "
-            "`/openapi.json` needs `X-API-Key: KEY` or `Authorization: Bearer KEY`."
+            "model. When API keys are configured, every path except `/`, `/health/*`, `/docs` and "
+            "`/openapi.json` needs `X-API-Key: KEY` or `Authorization: Bearer KEY`, and a key of the "
+            "path's scope: `scoring` for `/predict` and `/score`, `feedback` for `/feedback`, `admin` for "
+            "`/metrics`; any key reads `/model`. Keys in `CUSTSEG_API_KEYS` have every scope. "
+            "Every POST body is JSON with `Content-Type: application/json`."
         ),
         version=_package_version(),
         lifespan=lifespan,
@@ -827,7 +1293,7 @@ def create_app(
     app.state.settings = settings
 
     async def handle_error(request: Request, exc: Exception) -> Response:
-        return _json_error(exc, _request_id(request))
+        return _json_error(exc, _request_id(request), request.scope.get("custseg.client_request_id"))
 
     for exc_class in (CustsegError, StarletteHTTPException, RequestValidationError):
         app.add_exception_handler(exc_class, handle_error)
@@ -865,8 +1331,19 @@ def create_app(
         else:
             for label, count in Tally(labels).items():
                 metrics.predictions.labels(label).inc(count)
+        client_id = scope.get("custseg.client_request_id")
+        if client_id is not None:
+            payload["client_request_id"] = client_id
         if plog is not None:
-            _submit_log(plog, records, scores, loaded, request_id, scope.get("custseg.started"))
+            _submit_log(
+                plog,
+                records,
+                scores,
+                loaded,
+                request_id,
+                scope.get("custseg.started"),
+                client_id if log_client_ids else None,
+            )
         return Response(orjson.dumps(payload), media_type=_JSON)
 
     for path in ("/predict", "/score"):
@@ -897,25 +1374,17 @@ def create_app(
         summary="Record true segments learned later",
     )
     async def feedback(request: Request) -> Response:
-        """Record the true segment of earlier predictions, by ``request_id`` (+ ``row_index`` in a batch)
-        or by ``customer_id``. All ids must be in the prediction log or nothing is written; feedback
-        already recorded is listed in ``duplicates`` and not written again."""
-        record_feedback = getattr(plog, "record_feedback", None)
-        if record_feedback is None:
-            raise PredictionLogError(
-                "the prediction log is disabled on this server (CUSTSEG_PREDICTION_LOG_ENABLED)"
+        """Record the true segment of earlier predictions, by ``request_id`` (the one the prediction
+        answered with, + ``row_index`` in a batch) or by ``customer_id``. All ids must be in the
+        prediction log or nothing is written. The server sets the time and records which key sent it."""
+        if feedback_writer is None:
+            raise PredictionLogDisabledError(
+                "the prediction log is disabled on this server (CUSTSEG_PREDICTION_LOG_ENABLED), "
+                "so feedback cannot be stored"
             )
         records = parse_feedback(await request.body())
-        result = await asyncio.to_thread(record_feedback, records)
-        body = {
-            "written": result.written,
-            "duplicates": result.duplicates,
-            "message": f"recorded {result.written} true segment(s)"
-            + (
-                f"; {len(result.duplicates)} already recorded, not written again" if result.duplicates else ""
-            ),
-        }
-        return Response(orjson.dumps(body), media_type=_JSON)
+        result = await feedback_writer.write(records, request.scope.get("custseg.key") or ANONYMOUS)
+        return Response(orjson.dumps(_feedback_answer(result)), media_type=_JSON)
 
     @app.get("/", response_model=Liveness, tags=["health"], summary="Prototype liveness check")
     async def root() -> Response:
@@ -935,13 +1404,17 @@ def create_app(
     async def ready(request: Request) -> Response:
         loaded = holder.current
         if loaded is None:
+            if holder.registry_problem:
+                raise RegistryUnavailableError(holder.registry_problem)
             raise ModelNotFoundError("no model loaded")
-        return Response(orjson.dumps({"status": "ready", "model": loaded.summary}), media_type=_JSON)
+        registry = "unreachable" if holder.registry_problem else "reachable"
+        body = {"status": "ready", "model": loaded.summary, "registry": registry}
+        return Response(orjson.dumps(body), media_type=_JSON)
 
     @app.get(
         "/model",
         response_model=ModelDetails,
-        responses={401: _ERRORS[401], 503: _ERRORS[503]},
+        responses={k: _ERRORS[k] for k in (400, 401, 503)},
         tags=["model"],
         summary="The model being served and its input schema",
     )
@@ -958,11 +1431,11 @@ def create_app(
                 "content": {"text/plain": {"schema": {"type": "string"}}},
                 "description": "Prometheus text",
             },
-            401: _ERRORS[401],
+            **{k: _ERRORS[k] for k in (400, 401, 403)},
         },
         response_class=Response,
         tags=["operations"],
-        summary="Prometheus metrics of this worker",
+        summary="Prometheus metrics (of every worker)",
     )
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -982,6 +1455,20 @@ def create_app(
     return app
 
 
+def _feedback_answer(result: Any) -> dict[str, Any]:
+    corrected = getattr(result, "corrected", None)
+    notes = []
+    if corrected:
+        notes.append(f"{corrected} replaced an earlier true segment (which stays in the history)")
+    if result.duplicates:
+        notes.append(f"{len(result.duplicates)} already recorded, not written again")
+    body: dict[str, Any] = {"written": result.written, "duplicates": result.duplicates}
+    if corrected is not None:
+        body["corrected"] = corrected
+    body["message"] = f"recorded {result.written} true segment(s)" + "".join(f"; {n}" for n in notes)
+    return body
+
+
 def _submit_log(
     plog: PredictionLog,
     records: list[Any],
@@ -989,10 +1476,12 @@ def _submit_log(
     loaded: LoadedModel,
     request_id: str,
     started: float | None,
+    client_request_id: str | None = None,
 ) -> None:
     """Hand one answered request to the log as one compact tuple (its writer thread builds the rows)."""
     latency_ms = (time.perf_counter() - started) * 1000 if started else 0.0
     ref = loaded.ref
+    extra = {} if client_request_id is None else {"client_request_id": client_request_id}
     plog.submit_scored(
         request_id,
         time.time(),
@@ -1003,6 +1492,7 @@ def _submit_log(
         scores.probabilities,
         scores.classes,
         latency_ms,
+        **extra,
     )
 
 
@@ -1086,11 +1576,64 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(host: str, settings: Settings, *, insecure: bool) -> None:
     """Refuse a non-loopback address without API keys unless the operator insists."""
-    if not is_loopback(host) and not settings.api_keys and not insecure:
+    if not is_loopback(host) and not configured_keys(settings) and not insecure:
         raise ConfigurationError(
             f"refusing to serve on {host} without API keys: anyone who can reach it could use the model. "
-            "Set CUSTSEG_API_KEYS=key1[,key2], bind 127.0.0.1, or pass --insecure to accept the risk."
+            "Set CUSTSEG_API_KEYS=key1[,key2] (or scoped CUSTSEG_SCORING_KEYS, CUSTSEG_FEEDBACK_KEYS, "
+            "CUSTSEG_ADMIN_KEYS), bind 127.0.0.1, or pass --insecure to accept the risk."
         )
+
+
+def is_wildcard(host: str) -> bool:
+    """0.0.0.0 or :: (every address of the machine)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def serving_hosts(settings: Settings, host: str) -> list[str]:
+    """The Host names to answer: the configured ones, else the bind address (any for a wildcard bind,
+    which needs API keys or --insecure, so a DNS-rebinding page gains nothing); loopback always."""
+    if settings.trusted_hosts:
+        return list(settings.trusted_hosts)
+    return ["*"] if is_wildcard(host) else [host]
+
+
+def default_workers(settings: Settings) -> int:
+    """CUSTSEG_WORKERS, else one worker per CPU core this process may run on (affinity, cgroup cpusets)."""
+    if settings.workers:
+        return settings.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def fresh_metrics_folder(settings: Settings) -> Path:
+    """An empty folder for this server's multiprocess metrics, under CUSTSEG_HOME/run; folders left by
+    servers that are gone are removed (their counts must not leak into this server's)."""
+    import shutil
+
+    run = settings.home / "run"
+    for stale in run.glob("prometheus-*"):
+        pid = stale.name.removeprefix("prometheus-")
+        if not pid.isdigit() or not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = run / f"prometheus-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def configure_logging(level: str = "info") -> None:
@@ -1109,8 +1652,6 @@ def configure_logging(level: str = "info") -> None:
 
 def app_from_environment() -> FastAPI:
     """Factory for uvicorn worker processes: settings (incl. CUSTSEG_MODEL_URI) from the environment."""
-    import os
-
     configure_logging(os.environ.get("CUSTSEG_LOG_LEVEL", "info"))
     settings = Settings()
     return create_app(settings, prediction_log=default_prediction_log(settings))
@@ -1121,18 +1662,21 @@ def run_server(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    workers: int = 1,
+    workers: int | None = None,
     insecure: bool = False,
     log_level: str = "info",
 ) -> None:
-    """Serve until SIGTERM/SIGINT (uvicorn finishes in-flight requests, then exits 0)."""
-    import os
+    """Serve until SIGTERM/SIGINT (uvicorn finishes in-flight requests, then exits 0); ``workers``
+    defaults to :func:`default_workers`."""
+    import shutil
     import signal
 
     import uvicorn
 
     check_bind(host, settings, insecure=insecure)
     configure_logging(log_level)
+    workers = workers or default_workers(settings)
+    settings = settings.model_copy(update={"trusted_hosts": serving_hosts(settings, host)})
     common: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -1150,10 +1694,54 @@ def run_server(
         if settings.model_uri:
             os.environ["CUSTSEG_MODEL_URI"] = settings.model_uri
         os.environ["CUSTSEG_MODEL_POLL_SECONDS"] = str(settings.model_poll_seconds)
+        os.environ["CUSTSEG_TRUSTED_HOSTS"] = ",".join(settings.trusted_hosts)
         os.environ["CUSTSEG_LOG_LEVEL"] = log_level
-        uvicorn.run("custseg.api:app_from_environment", factory=True, workers=workers, **common)
+        # Workers share their metrics through files (prometheus-client multiprocess mode); the variable
+        # must be set before a worker imports prometheus_client, and the folder must start empty.
+        metrics_folder = fresh_metrics_folder(settings)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_folder)
+        try:
+            _run_workers(
+                uvicorn.Config("custseg.api:app_from_environment", factory=True, workers=workers, **common)
+            )
+        finally:
+            shutil.rmtree(metrics_folder, ignore_errors=True)
     else:
         uvicorn.run(create_app(settings, prediction_log=default_prediction_log(settings)), **common)
+
+
+def _run_workers(config: Any) -> None:
+    """uvicorn's multi-worker supervisor, closing the parent's listening socket as soon as it is told
+    to stop: otherwise the kernel keeps queueing new connections that no worker will ever accept,
+    while the workers finish their requests in flight (up to the graceful-shutdown timeout)."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def terminate_all(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+        def join_all(self) -> None:
+            super().join_all()
+            _mark_dead(p.pid for p in self.processes)  # also for a worker that could not say so itself
+
+        def keep_subprocess_alive(self) -> None:
+            before = {p.pid for p in self.processes}
+            super().keep_subprocess_alive()  # replaces a worker that died or hung
+            _mark_dead(before - {p.pid for p in self.processes})
+
+    Supervisor(config, sockets=[config.bind_socket()]).run()
+
+
+def _mark_dead(pids: Any) -> None:
+    """Take workers that are gone out of the live gauges of the multiprocess metrics."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        for pid in pids:
+            if pid is not None:
+                multiprocess.mark_process_dead(pid)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -12,7 +12,13 @@ Memory is bounded by the chunk size, not by the file size.
 - ``customer_id`` is required: a file without the column stops at once, a row with an empty id is
   rejected. Ids are not checked for uniqueness (that would need memory proportional to the file).
 - Output and rejects are written under temporary names in their folders and renamed when complete, so
-  a failure never leaves a half-written file under the real name.
+  a failure never leaves a half-written file under the real name. Paths that overlap (the output or
+  rejects is, holds or sits inside the input, or each other) are refused first (:func:`check_paths`).
+- CSV outputs are spreadsheet-safe: a text cell starting with ``=``, ``+``, ``-``, ``@``, tab or CR
+  (after any whitespace, full-width forms too) gets a leading ``'`` (:func:`spreadsheet_safe`), unless
+  ``raw_csv``. Parquet keeps values as they are.
+- Numbers beyond the schema's domain, open ends capped at ``schema.NUMBER_CAP`` like the API's
+  (``1e300``, ``inf``), are rejected rows whose reason names the column.
 
 The Spark engine lives in :mod:`custseg.batch_spark` (pyspark is optional); it scores each partition
 through the same :func:`score_chunk`.
@@ -60,10 +66,12 @@ __all__ = [
     "BatchProgress",
     "BatchSummary",
     "ChunkResult",
+    "check_paths",
     "default_rejects_path",
     "output_schema",
     "score_chunk",
     "score_file",
+    "spreadsheet_safe",
 ]
 
 DEFAULT_CHUNK_ROWS = 100_000
@@ -264,10 +272,7 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
             ok = np.isfinite(number)
             if feature.kind == "int":
                 ok &= number == np.floor(number)
-            if feature.minimum is not None:
-                ok &= number >= feature.minimum
-            if feature.maximum is not None:
-                ok &= number <= feature.maximum
+            ok &= (number >= feature.lower_bound) & (number <= feature.upper_bound)
         if not ok.all():
             return None
         columns[feature.name] = number.astype(np.float32).reshape(-1, 1)
@@ -276,6 +281,55 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
 
 def _is_text(kind: pa.DataType) -> bool:
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+# --------------------------------------------------------------------------------------------------
+# Spreadsheet-safe CSV (OWASP "CSV injection"): text a spreadsheet would evaluate gets a leading quote
+# --------------------------------------------------------------------------------------------------
+
+FORMULA_START = (
+    r"^(?:[\t\r]"  # a tab or carriage return first: some spreadsheets drop it and read what follows
+    # = + - @ (or their full-width forms, which some spreadsheets read as the ASCII ones), after any
+    # whitespace (ASCII, Unicode separators, zero-width) that an importer may trim away first.
+    r"|[\s\x0b\p{Z}\x{200B}-\x{200D}\x{FEFF}]*[=+\-@\x{FF1D}\x{FF0B}\x{FF0D}\x{FF20}])"
+)
+"""RE2 pattern of text cells a spreadsheet could evaluate as a formula."""
+
+
+_PLAIN_FIRST_BYTE = np.zeros(256, dtype=bool)
+_PLAIN_FIRST_BYTE[list(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")] = True
+
+
+def spreadsheet_safe(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Text cells a spreadsheet would evaluate, prefixed with a single quote; the others unchanged.
+
+    Vectorised: a column whose cells all start with a letter, digit or ``_`` (the usual ids) is
+    returned as it is after one look at each first byte; otherwise one RE2 pass decides.
+    """
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    if not any(_may_be_formula(chunk) for chunk in chunks):
+        return values
+    risky = pc.match_substring_regex(values, FORMULA_START)
+    if not pc.any(risky).as_py():
+        return values
+    quote, nothing = pa.scalar("'", values.type), pa.scalar("", values.type)
+    return pc.if_else(risky, pc.binary_join_element_wise(quote, values, nothing), values)
+
+
+def _may_be_formula(array: pa.Array) -> bool:
+    """False when every non-empty text cell starts with an ASCII letter, digit or ``_`` (read through
+    the offsets: ~10x cheaper than the regex on a million ids); True sends the column to the regex."""
+    if not _is_text(array.type) or len(array) == 0:
+        return False  # numbers stay numbers
+    _, offsets_buffer, data_buffer = array.buffers()
+    if data_buffer is None or data_buffer.size == 0:
+        return False  # only empty strings (or nulls)
+    width = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets: np.ndarray = np.frombuffer(offsets_buffer, width)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(data_buffer, np.uint8)
+    starts, ends = offsets[:-1], offsets[1:]
+    first = data[np.minimum(starts, len(data) - 1)]
+    return bool(np.any(np.greater(ends, starts) & ~_PLAIN_FIRST_BYTE[first]))
 
 
 def output_table(ids: pa.Array, scores: Scores, model_version: str) -> pa.Table:
@@ -499,9 +553,11 @@ def _temp_name(path: Path) -> Path:
 class _OutputWriter:
     """pyarrow CSV or Parquet writer on a temporary file; ``commit`` renames it to the real name."""
 
-    def __init__(self, path: Path, fmt: str, schema: pa.Schema) -> None:
+    def __init__(self, path: Path, fmt: str, schema: pa.Schema, *, raw_csv: bool = False) -> None:
         self.path = path
         self.tmp = _temp_name(path)
+        # Only customer_id is text from the input; Parquet keeps typed values as they are.
+        self._safe_column = schema.get_field_index(ID_COLUMN) if fmt == "csv" and not raw_csv else -1
         self._sink: pa.NativeFile | None = None
         self._writer: pa_csv.CSVWriter | pq.ParquetWriter
         if fmt == "csv":
@@ -516,6 +572,9 @@ class _OutputWriter:
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:
+            if self._safe_column >= 0:
+                column = spreadsheet_safe(table.column(self._safe_column))
+                table = table.set_column(self._safe_column, ID_COLUMN, column)
             self._writer.write_table(table)
 
     def commit(self) -> None:
@@ -537,14 +596,23 @@ class _OutputWriter:
 class _RejectsWriter:
     """The rejects CSV (row, customer_id, reason), written like the output: temporary name, then renamed."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, raw_csv: bool = False) -> None:
         self.path = path
         self.tmp = _temp_name(path)
+        self.raw_csv = raw_csv
         self._file = self.tmp.open("w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._file)
         self._csv.writerow(REJECT_COLUMNS)
 
     def write(self, rejects: pd.DataFrame) -> None:
+        if len(rejects) and not self.raw_csv:
+            # The id and the reason (which quotes raw values) come from the input; the row is a number.
+            rejects = rejects.assign(
+                **{
+                    name: spreadsheet_safe(pa.array(rejects[name].astype(str), pa.string())).to_pylist()
+                    for name in (ID_COLUMN, "reason")
+                }
+            )
         self._csv.writerows(rejects.itertuples(index=False, name=None))
 
     def commit(self) -> None:
@@ -562,6 +630,56 @@ def default_rejects_path(output: str | Path) -> Path:
     """``<output folder>/<output stem>.rejects.csv``."""
     output = Path(output)
     return output.with_name(f"{output.stem}.rejects.csv")
+
+
+def check_paths(
+    input: str | None,
+    output: str,
+    rejects: str | None,
+    *,
+    resolve: Callable[[str], str] = os.path.realpath,
+) -> None:
+    """Refuse an output or rejects path that would overwrite, delete or write into the input, or each other.
+
+    Both engines call this before reading anything. ``resolve`` turns a path into its canonical form
+    (local files: ``os.path.realpath``, so symbolic links and ``..`` cannot hide the input; Spark:
+    the Hadoop-qualified URI). ``input`` is None for a table name. Compared as '/'-separated paths:
+    equal, ancestor (a folder that holds the other, which replacing would delete) or descendant.
+    """
+    resolved = {name: resolve(path) for name, path in (("input", input), ("out", output)) if path}
+    if rejects is not None:
+        resolved["rejects"] = resolve(rejects)
+    given = {"input": input, "out": output, "rejects": rejects}
+    checks = [("out", "input"), ("rejects", "input"), ("rejects", "out")]
+    for mine, other in checks:
+        if mine not in resolved or other not in resolved:
+            continue
+        relation = _overlap(resolved[mine], resolved[other])
+        if relation is None:
+            continue
+        role = "output" if mine == "out" else "rejects path"
+        what = "the input" if other == "input" else "the output"
+        why = (
+            "custseg never overwrites, deletes or writes into its input"
+            if other == "input"
+            else "the output and the rejects need separate paths"
+        )
+        option = "--out" if mine == "out" else "--rejects"
+        raise DataError(
+            f"The {role} '{given[mine]}' {relation} {what} '{given[other]}': {why}. Choose another {option}."
+        )
+
+
+def _overlap(path: str, other: str) -> str | None:
+    """How ``path`` relates to ``other`` (both canonical): 'is', 'contains', 'is inside' or None."""
+    a, b = path.rstrip("/") or "/", other.rstrip("/") or "/"
+    if a == b:
+        return "is"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "contains"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "is inside"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,6 +767,7 @@ def score_file(
     strict: bool = False,
     workers: int | None = None,
     on_progress: Callable[[BatchProgress], None] | None = None,
+    raw_csv: bool = False,
 ) -> BatchSummary:
     """Score every row of a CSV/Parquet file into ``output`` (CSV or Parquet, by extension or ``fmt``).
 
@@ -657,23 +776,26 @@ def score_file(
     nothing was rejected). With ``strict`` the first invalid row raises :class:`DataValidationError`
     (its row number and reason) and nothing is written. A missing column or an unreadable file raises
     :class:`DataError` before anything is written. ``workers`` threads score each chunk (default: CPUs).
+    CSV text cells a spreadsheet would evaluate (``=``, ``+``, ``-``, ``@``, tab, CR first) get a
+    leading ``'`` (:func:`spreadsheet_safe`) unless ``raw_csv``; Parquet keeps values as they are.
+    Paths that overlap (:func:`check_paths`) raise :class:`DataError` before anything is read.
     """
     started = time.perf_counter()
     input, output = Path(input), Path(output)
     if chunk_rows < 1:
         raise DataError(f"chunk_rows must be 1 or more (got {chunk_rows}).")
     out_fmt = _output_format(output, fmt)
-    if input.resolve() == output.resolve():
-        raise DataError(f"The output '{output}' is the input file; choose another output path.")
-    source = _Source(input, chunk_rows)
     rejects_path = None if strict else Path(rejects) if rejects is not None else default_rejects_path(output)
-    if rejects_path is not None and rejects_path.resolve() in (input.resolve(), output.resolve()):
-        raise DataError(f"The rejects file '{rejects_path}' would overwrite the input or output file.")
+    check_paths(str(input), str(output), None if rejects_path is None else str(rejects_path))
+    source = _Source(input, chunk_rows)
+    for path in (output, rejects_path):
+        if path is not None and path.is_dir():
+            raise DataError(f"'{path}' is a folder; the local engine writes a file: choose a file name.")
     output.parent.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
 
-    writer = _OutputWriter(output, out_fmt, output_schema(scorer.classes))
-    rejects_writer = _RejectsWriter(rejects_path) if rejects_path is not None else None
+    writer = _OutputWriter(output, out_fmt, output_schema(scorer.classes), raw_csv=raw_csv)
+    rejects_writer = _RejectsWriter(rejects_path, raw_csv=raw_csv) if rejects_path is not None else None
     counts: Counter[str] = Counter()
     scored = rejected = 0
 

@@ -11,7 +11,14 @@ Inputs: a Parquet file or folder, a CSV file or folder (header line; values read
 like the local engine), or a table name known to the session's catalog. Output: a Parquet folder with
 ``customer_id, segment, proba_<class>..., model_version``; rejected rows go to a second Parquet folder
 with ``customer_id, reason`` (rows have no stable number in a distributed read). Both are written under
-temporary names next to the target and renamed when the job has succeeded.
+temporary names next to the target and renamed when the job has succeeded. Parquet keeps every value
+as it was read (no spreadsheet quoting: that is for CSV).
+
+Path safety (before any job runs): input, output and rejects are compared in their canonical form
+(Hadoop-qualified; local paths with symbolic links resolved) by the local engine's own
+:func:`custseg.batch.check_paths`, so neither destination can be, hold or sit inside the input, or
+each other. Every folder this engine writes carries a ``_CUSTSEG_OUTPUT`` marker file, and an existing
+destination is replaced only when it carries one: never the input, never someone else's folder.
 
 Run on a cluster: ``spark-submit [options] custseg/batch_spark.py INPUT --out OUTPUT [...]`` takes the
 same options as ``custseg score``.
@@ -20,15 +27,17 @@ same options as ``custseg score``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +49,7 @@ from custseg.batch import (
     INPUT_COLUMNS,
     SEGMENT_COLUMN,
     BatchSummary,
+    check_paths,
     output_schema,
     score_chunk,
 )
@@ -47,6 +57,7 @@ from custseg.errors import CustsegError, DataError
 from custseg.predict import Scorer
 from custseg.schema import ID_COLUMN
 from custseg.settings import Settings
+from custseg.verification import verify_files
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -54,6 +65,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REASON_COLUMN = "reason"
+MARKER_FILE = "_CUSTSEG_OUTPUT"
+"""Written inside every folder the Spark engine writes; only such a folder is ever replaced.
+
+Its name starts with ``_`` so Spark, pyarrow and pandas skip it when they read the folder."""
 _TABLE_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*){0,2}$")
 _CSV_SUFFIXES = (".csv", ".csv.gz", ".txt")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -71,24 +86,43 @@ class ModelBundle:
     version: str
     classes: tuple[str, ...]
     digest: str
+    allow_pipeline: bool = False
+    """The operator's ``allow_pipeline_fallback``, carried to the executors."""
 
     @classmethod
-    def from_folder(cls, folder: str | Path, version: str) -> ModelBundle:
-        """Read a bundle folder and check it loads (a broken model fails on the driver, not on executors)."""
+    def from_folder(
+        cls,
+        folder: str | Path,
+        version: str,
+        *,
+        digests: Mapping[str, str] | None = None,
+        allow_pipeline: bool = False,
+    ) -> ModelBundle:
+        """Read a bundle folder and check it loads (a broken model fails on the driver, not on executors).
+
+        With ``digests`` (the registry's record), the bytes read, which are what executors get, must match.
+        """
         folder = Path(folder)
         files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-        scorer = Scorer.from_bundle(folder, compiled=True)
+        if digests is not None:
+            verify_files(files, digests, "the registry")
+        scorer = Scorer.from_bundle(folder, compiled=True, allow_pipeline=allow_pipeline)
         digest = hashlib.sha256(b"".join(files[name] for name in sorted(files))).hexdigest()
-        return cls(files, version, scorer.classes, digest)
+        return cls(files, version, scorer.classes, digest, allow_pipeline)
 
 
 def load_bundle(settings: Settings, model_uri: str | None = None) -> ModelBundle:
-    """Resolve a model URI in the registry (default: the champion) and read its bundle."""
-    from custseg.registry import download_bundle, resolve
+    """Resolve a model URI in the registry (default: the champion), download, verify and read its bundle."""
+    from custseg.registry import download_bundle, recorded_digests, resolve
 
     ref = resolve(settings, model_uri)
+    unverified = settings.allow_unverified_bundles
+    digests = recorded_digests(ref, allow_unverified=unverified)
     with tempfile.TemporaryDirectory(prefix="custseg-model-") as tmp:
-        return ModelBundle.from_folder(download_bundle(ref, Path(tmp)), ref.version)
+        folder = download_bundle(ref, Path(tmp), allow_unverified=unverified)
+        return ModelBundle.from_folder(
+            folder, ref.version, digests=digests, allow_pipeline=settings.allow_pipeline_fallback
+        )
 
 
 # -- executors --------------------------------------------------------------------------------------
@@ -97,13 +131,13 @@ _SCORERS: dict[str, Scorer] = {}
 """One Scorer per bundle per Python worker process (Spark reuses workers across tasks)."""
 
 
-def _worker_scorer(digest: str, files: dict[str, bytes]) -> Scorer:
+def _worker_scorer(digest: str, files: dict[str, bytes], allow_pipeline: bool = False) -> Scorer:
     scorer = _SCORERS.get(digest)
     if scorer is None:
         with tempfile.TemporaryDirectory(prefix="custseg-bundle-") as tmp:
             for name, content in files.items():
-                (Path(tmp) / name).write_bytes(content)
-            scorer = Scorer.from_bundle(tmp, compiled=True)
+                (Path(tmp) / Path(name).name).write_bytes(content)  # plain names: never outside tmp
+            scorer = Scorer.from_bundle(tmp, compiled=True, allow_pipeline=allow_pipeline)
         _SCORERS[digest] = scorer
     return scorer
 
@@ -114,12 +148,12 @@ def result_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
 
 
 def _score_partition(
-    broadcast: Any, digest: str, version: str, classes: tuple[str, ...]
+    broadcast: Any, digest: str, version: str, classes: tuple[str, ...], allow_pipeline: bool = False
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     schema = result_schema(classes)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        scorer = _worker_scorer(digest, broadcast.value)
+        scorer = _worker_scorer(digest, broadcast.value, allow_pipeline)
         for batch in batches:
             if batch.num_rows == 0:
                 continue
@@ -191,7 +225,7 @@ def score_dataframe(frame: DataFrame, bundle: ModelBundle, broadcast: Any = None
     if broadcast is None:
         broadcast = spark.sparkContext.broadcast(bundle.files)
     schema = ", ".join(f"`{f.name}` {_spark_type(f.type)}" for f in result_schema(bundle.classes))
-    run = _score_partition(broadcast, bundle.digest, bundle.version, bundle.classes)
+    run = _score_partition(broadcast, bundle.digest, bundle.version, bundle.classes, bundle.allow_pipeline)
     frame = frame.select(*INPUT_COLUMNS)
     parallelism = spark.sparkContext.defaultParallelism
     if frame.rdd.getNumPartitions() < parallelism:
@@ -215,7 +249,10 @@ def score_spark(
     rejects: str | None = None,
     chunk_rows: int | None = None,
 ) -> BatchSummary:
-    """Score ``input`` into the Parquet folder ``output`` (replaced if present); rejects to ``rejects``.
+    """Score ``input`` into the Parquet folder ``output``; rejects to ``rejects``.
+
+    An existing ``output`` or ``rejects`` is replaced only when it is a folder custseg wrote (it holds
+    :data:`MARKER_FILE`); paths that overlap the input or each other raise :class:`DataError` first.
 
     ``rejects`` defaults to ``<output stem>.rejects.parquet`` beside the output; ``chunk_rows`` sets
     the Arrow batch size handed to each executor call.
@@ -225,9 +262,11 @@ def score_spark(
 
     started = time.perf_counter()
     input, output = _local_absolute(input, must_exist=True), _local_absolute(output)
-    if output.rstrip("/") == input.rstrip("/"):
-        raise DataError(f"The output '{output}' is the input; choose another output path.")
     rejects = _local_absolute(rejects) if rejects else _default_rejects(output)
+    is_table = _is_table_name(input)
+    check_paths(None if is_table else input, output, rejects, resolve=lambda path: _qualified(spark, path))
+    for destination in (output, rejects):
+        _check_replaceable(spark, destination)
     if chunk_rows is not None:
         if chunk_rows < 1:
             raise DataError(f"chunk_rows must be 1 or more (got {chunk_rows}).")
@@ -245,6 +284,8 @@ def score_spark(
         scored.filter(F.col(REASON_COLUMN).isNotNull()).select(ID_COLUMN, REASON_COLUMN).write.mode(
             "overwrite"
         ).parquet(tmp_rejects)
+        for tmp in (tmp_out, tmp_rejects):
+            _write_marker(spark, tmp, bundle.version)
         _replace(spark, tmp_out, output)
         _replace(spark, tmp_rejects, rejects)
     except BaseException as exc:
@@ -332,10 +373,59 @@ def _hadoop_fs(spark: SparkSession, path: str) -> tuple[Any, Any]:
     return hpath.getFileSystem(spark._jsc.hadoopConfiguration()), hpath
 
 
+def _qualified(spark: SparkSession, path: str) -> str:
+    """The canonical form of ``path`` for comparisons: Hadoop-qualified (scheme, authority, absolute),
+    and for local files the real path (symbolic links and ``..`` resolved)."""
+    fs, hpath = _hadoop_fs(spark, path)
+    uri = str(fs.makeQualified(hpath).toUri().toString())
+    if uri.startswith("file:"):
+        return "file:" + os.path.realpath(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
+    return uri.rstrip("/")
+
+
+def _is_table_name(source: str) -> bool:
+    """True when ``source`` is read as a catalog table (see :func:`read_input`), not as a path."""
+    if "://" in source or source.startswith(("/", ".")):
+        return False
+    if source.lower().rstrip("/").endswith(_CSV_SUFFIXES + _PARQUET_SUFFIXES):
+        return False
+    return not Path(source).exists() and bool(_TABLE_NAME.match(source))
+
+
+def _check_replaceable(spark: SparkSession, destination: str) -> None:
+    """Refuse a destination that exists and is not a folder custseg wrote (no marker file inside)."""
+    fs, hpath = _hadoop_fs(spark, destination)
+    if not fs.exists(hpath):
+        return
+    if fs.getFileStatus(hpath).isDirectory() and fs.exists(_hadoop_child(spark, hpath, MARKER_FILE)):
+        return
+    raise DataError(
+        f"'{destination}' already exists and was not written by custseg (no {MARKER_FILE} file in it), "
+        "so it is left alone. Choose a new --out (or --rejects) path, or move it away yourself if "
+        "it really is an old output."
+    )
+
+
+def _hadoop_child(spark: SparkSession, parent: Any, name: str) -> Any:
+    return spark._jvm.org.apache.hadoop.fs.Path(parent, name)  # type: ignore[union-attr]
+
+
+def _write_marker(spark: SparkSession, folder: str, model_version: str) -> None:
+    """Mark ``folder`` as written by custseg, so that a later run may replace it."""
+    fs, hpath = _hadoop_fs(spark, folder)
+    note = json.dumps({"written_by": "custseg score --engine spark", "model_version": model_version}) + "\n"
+    stream = fs.create(_hadoop_child(spark, hpath, MARKER_FILE), True)
+    try:
+        stream.write(bytearray(note.encode()))
+    finally:
+        stream.close()
+
+
 def _replace(spark: SparkSession, src: str, dst: str) -> None:
     fs, src_path = _hadoop_fs(spark, src)
     _, dst_path = _hadoop_fs(spark, dst)
     if fs.exists(dst_path):
+        _check_replaceable(spark, dst)  # again: something may have appeared there during the job
         fs.delete(dst_path, True)
     if not fs.rename(src_path, dst_path):
         raise DataError(f"Could not move the finished output {src} to {dst}; it is left at {src}.")

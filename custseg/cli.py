@@ -13,11 +13,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from custseg.errors import CustsegError
 from custseg.model_cache import refresh_champion
+from custseg.redact import redact_text, redact_uri
 from custseg.settings import Settings
 
 app = typer.Typer(
@@ -84,7 +86,8 @@ def generate(
         spend_shift=spend_shift,
         label_noise=label_noise,
     )
-    console.print(f"wrote {written:,} customers to {out} in {time.perf_counter() - started:.1f}s")
+    seconds = time.perf_counter() - started
+    console.print(f"wrote {written:,} customers to {escape(str(out))} in {seconds:.1f}s")
 
 
 @app.command()
@@ -101,7 +104,7 @@ def train(
 
     settings = Settings()
     frame = load_dataset(data)
-    console.print(f"[bold]{data}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
+    console.print(f"[bold]{escape(str(data))}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
     with Progress(
         TextColumn("cross-validating"),
         BarColumn(),
@@ -159,7 +162,7 @@ def train(
     batch = "; batches by the compiled forest" if registration.bundle_meta.get("forest") else ""
     console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}{batch}")
     colour = "green" if decision.alias == "champion" else "yellow"
-    console.print(f"[{colour}]alias {decision.alias}[/]: {decision.reason}")
+    console.print(f"[{colour}]alias {decision.alias}[/]: {escape(decision.reason)}")
     refresh_champion(settings)
 
 
@@ -173,7 +176,7 @@ def models() -> None:
     if not versions:
         console.print(f"no versions of {settings.model_name} yet: run `custseg train --data PATH`")
         return
-    table = Table(title=f"{settings.model_name} @ {settings.effective_tracking_uri}")
+    table = Table(title=f"{settings.model_name} @ {redact_uri(settings.effective_tracking_uri)}")
     for column in ("version", "aliases", "created", "model", "macro-F1", "bal. acc.", "recall low"):
         # identifiers and figures never wrap, even in a narrow or piped terminal
         table.add_column(column, no_wrap=column != "created", overflow="fold")
@@ -191,7 +194,7 @@ def models() -> None:
     console.print(table)
     for ref in versions:
         if reason := ref.tags.get("custseg.gate_reason"):
-            console.print(f"v{ref.version} gate: {reason}", soft_wrap=True)
+            console.print(f"v{ref.version} gate: {escape(reason)}", soft_wrap=True)
 
 
 @app.command()
@@ -214,7 +217,7 @@ def ui(
     """Open the MLflow UI on this project's tracking store (loopback only by default)."""
     settings = Settings()
     if settings.tracking_uri:
-        console.print(f"MLFLOW_TRACKING_URI is set: open {settings.tracking_uri} in a browser.")
+        console.print(f"MLFLOW_TRACKING_URI is set: open {redact_uri(settings.tracking_uri)} in a browser.")
         return
     settings.home.mkdir(parents=True, exist_ok=True)
     command = [
@@ -246,7 +249,13 @@ def serve(
     model: Annotated[
         str | None, typer.Option("--model", help="Model URI (default models:/customer-segments@champion).")
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the model).")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Worker processes (each loads the model); default CUSTSEG_WORKERS, else one per core.",
+        ),
+    ] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow a non-loopback address without API keys.")
     ] = False,
@@ -377,7 +386,7 @@ def monitor(
         _print_monitor_table(report)
     notes = err_console if format == "json" else console
     if html is not None:
-        notes.print(f"wrote HTML report to {html}")
+        notes.print(f"wrote HTML report to {escape(str(html))}")
     if result.run_id:
         notes.print(f"logged monitoring run {result.run_id}")
     if fail_on_drift and report["drift_detected"]:
@@ -400,7 +409,7 @@ def _json_safe(value: object) -> object:
 def _print_monitor_table(report: dict[str, Any]) -> None:
     model = report.get("model", {})
     title = (
-        f"drift: {report['n_current']:,} rows from {report.get('source', '')} vs "
+        f"drift: {report['n_current']:,} rows from {escape(str(report.get('source', '')))} vs "
         f"{report['n_reference']:,} training rows of {model.get('name', '')} v{model.get('version', '')}"
     )
     table = Table(title=title)
@@ -426,13 +435,20 @@ def _print_monitor_table(report: dict[str, Any]) -> None:
         )
     console.print(table)
     if report.get("status") == "insufficient_data":
-        console.print(f"[yellow]too small to judge:[/] {report['reason']}")
+        console.print(f"[yellow]too small to judge:[/] {escape(str(report['reason']))}")
     elif report["drift_detected"]:
         drifted = ", ".join(report["drifted_features"]) or "none"
         mix = "; predicted-class mix drifted" if report["prediction"].get("drift") else ""
         console.print(f"[bold red]DRIFT[/] in {drifted}{mix}")
     else:
         console.print("[green]no drift[/]")
+    plog = report.get("prediction_log")
+    if plog:
+        quarantined = "?" if plog.get("quarantined") is None else f"{plog['quarantined']:,}"
+        console.print(
+            f"prediction log: {quarantined} row(s) quarantined, "
+            f"{plog.get('spooled_waiting', 0):,} spooled row(s) waiting for replay"
+        )
     perf = report.get("performance", {})
     if perf.get("n_feedback"):
         parts = [f"{k} {v:.4f}" for k, v in perf.items() if k != "n_feedback"]
@@ -474,10 +490,14 @@ def feedback(
         result = log.record_feedback(records)
     finally:
         log.close()
-    console.print(f"recorded {result.written:,} true segment(s) from {file}")
+    console.print(f"recorded {result.written:,} true segment(s) from {escape(str(file))}")
+    if result.corrected:
+        console.print(f"{result.corrected:,} of them correct an earlier true segment (history kept)")
     if result.duplicates:
         shown = ", ".join(result.duplicates[:10]) + (" ..." if len(result.duplicates) > 10 else "")
-        console.print(f"[yellow]{len(result.duplicates):,} already recorded, not written again:[/] {shown}")
+        console.print(
+            f"[yellow]{len(result.duplicates):,} already recorded, not written again:[/] {escape(shown)}"
+        )
 
 
 @app.command()
@@ -491,7 +511,7 @@ def retrain(
 
     settings = Settings()
     frame = load_dataset(data)
-    console.print(f"[bold]{data}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
+    console.print(f"[bold]{escape(str(data))}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
     with console.status("training the challenger (cross-validated model selection)"):
         outcome = retrain_model(frame, settings, data_source=str(data))
     reg = outcome.registration
@@ -508,7 +528,7 @@ def retrain(
     console.print(table)
     colour = "green" if outcome.promoted else "yellow"
     verdict = "promoted to champion" if outcome.promoted else "kept as challenger"
-    console.print(f"[{colour}]version {reg.model.version} {verdict}[/]: {reg.decision.reason}")
+    console.print(f"[{colour}]version {reg.model.version} {verdict}[/]: {escape(reg.decision.reason)}")
     console.print(
         f"recorded in MLflow run {reg.run_id}; a running API picks a new champion up on its next poll"
     )
@@ -540,12 +560,22 @@ def score(
     engine: Annotated[
         str, typer.Option("--engine", help="local (streaming, this machine) or spark.")
     ] = "local",
+    raw_csv: Annotated[
+        bool,
+        typer.Option(
+            "--raw-csv",
+            help="Write CSV text exactly as read: no ' before a leading =, +, -, @, tab or CR (the "
+            "spreadsheet-formula guard). Only for files no spreadsheet will open.",
+        ),
+    ] = False,
 ) -> None:
     """Score every customer in INPUT with the champion into OUTPUT, streaming in bounded memory.
 
-    Bad rows go to the rejects file (row number, customer_id, reason). Exit codes: 0 all rows scored,
-    [bold]3[/] finished but some rows were rejected, 2 error (unreadable input, missing column, unknown
-    model, or the first bad row with [bold]--strict[/]); no output file is left behind on an error.
+    Bad rows go to the rejects file (row number, customer_id, reason). CSV text that a spreadsheet
+    would run as a formula gets a leading ' unless [bold]--raw-csv[/]; Parquet is written as is.
+    Exit codes: 0 all rows scored, [bold]3[/] finished but some rows were rejected, 2 error (unreadable
+    input, missing column, unknown model, overlapping paths, or the first bad row with
+    [bold]--strict[/]); no output file is left behind on an error.
     """
     from custseg.batch import DEFAULT_CHUNK_ROWS, EXIT_REJECTED, BatchProgress, score_file
 
@@ -596,6 +626,7 @@ def score(
                 rejects=rejects,
                 strict=strict,
                 on_progress=on_progress,
+                raw_csv=raw_csv,
             )
     else:
         raise typer.BadParameter("use local or spark", param_hint="--engine")
@@ -604,14 +635,14 @@ def score(
     console.print(
         f"scored [bold]{summary.rows_scored:,}[/] rows, rejected [bold]{summary.rows_rejected:,}[/] "
         f"in {summary.seconds:.1f}s ({summary.rows_per_second:,.0f} rows/s, {summary.engine} engine, "
-        f"model version {summary.model_version})",
+        f"model version {escape(summary.model_version)})",
         highlight=False,
     )
     console.print(f"segments: {counts}", highlight=False)
-    console.print(f"output: {summary.output}", highlight=False)
+    console.print(f"output: {escape(summary.output)}", highlight=False)
     if summary.rows_rejected:
         console.print(
-            f"[yellow]rejects: {summary.rejects}[/] ({summary.rows_rejected:,} rows; "
+            f"[yellow]rejects: {escape(str(summary.rejects))}[/] ({summary.rows_rejected:,} rows; "
             f"exit code {EXIT_REJECTED})",
             highlight=False,
         )
@@ -634,7 +665,8 @@ def main() -> None:
     try:
         app()
     except CustsegError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # The message may quote paths and values: printed literally, never read as Rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         raise SystemExit(2) from None
 
 

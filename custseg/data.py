@@ -223,11 +223,8 @@ def _check_numeric(series: pd.Series, feature: Feature) -> _Checked:
             not_int = ~null & ~bad_type & finite & (number != np.floor(number))
     ok_so_far = ~null & ~bad_type & ~not_int
     with np.errstate(invalid="ignore"):
-        outside = ~finite
-        if feature.minimum is not None:
-            outside |= number < feature.minimum
-        if feature.maximum is not None:
-            outside |= number > feature.maximum
+        # Open ends are capped (schema.NUMBER_CAP) like the API's: 1e300 is inf in float32.
+        outside = ~finite | (number < feature.lower_bound) | (number > feature.upper_bound)
     outside &= ok_so_far
     number = number.copy()
     number[null | bad_type | not_int | outside] = np.nan

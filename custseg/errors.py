@@ -63,3 +63,15 @@ class AuthenticationError(CustsegError):
 
 class ConfigurationError(CustsegError):
     """Settings or options are unsafe or inconsistent (e.g. a public bind without API keys)."""
+
+
+class BundleVerificationError(ModelLoadError):
+    """A bundle's files do not match the SHA-256 digests the registry recorded (or none were recorded)."""
+
+
+class RegistryUnavailableError(CustsegError):
+    """The model registry (MLflow tracking server or store) cannot be reached; distinct from "no model"."""
+
+
+class ExplanationError(CustsegError):
+    """A model cannot be explained exactly (unsupported family) or its explainer is unavailable."""

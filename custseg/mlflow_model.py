@@ -5,9 +5,14 @@ columns (gender as text, any case) and returns segment labels. Pass ``params={"o
 for a frame with the label and one probability column per segment. Loading needs custseg installed.
 Invalid input raises MLflow's INVALID_PARAMETER_VALUE error naming each row and column, so
 ``mlflow models serve`` answers 400 with that message (and no stack trace).
+
+Before anything in the bundle is parsed, its files are checked against the SHA-256 digests recorded at
+registration in this model's own ``MLmodel`` (``model_config``); see `custseg.verification`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,8 +22,10 @@ from mlflow.pyfunc import PythonModel
 
 from custseg import schema
 from custseg.data import validate_frame
-from custseg.errors import DataValidationError
+from custseg.errors import BundleVerificationError, DataValidationError
 from custseg.predict import Scorer
+from custseg.settings import Settings
+from custseg.verification import MODEL_CONFIG_KEY, decode_digests, verify_bundle
 
 
 class CustomerSegmentModel(PythonModel):
@@ -27,7 +34,18 @@ class CustomerSegmentModel(PythonModel):
     scorer: Scorer
 
     def load_context(self, context):
-        self.scorer = Scorer.from_bundle(context.artifacts["bundle"])
+        settings = Settings()
+        bundle = Path(context.artifacts["bundle"])
+        recorded = (context.model_config or {}).get(MODEL_CONFIG_KEY)
+        if recorded is not None:
+            verify_bundle(bundle, decode_digests(recorded, "the model's MLmodel"), "the model's MLmodel")
+        elif not settings.allow_unverified_bundles:
+            raise BundleVerificationError(
+                "this MLflow model records no bundle checksums (it was registered before custseg verified "
+                "bundles) and is refused; register a new version with `custseg train --data PATH`, or set "
+                "CUSTSEG_ALLOW_UNVERIFIED_BUNDLES=true to load it anyway"
+            )
+        self.scorer = Scorer.from_bundle(bundle, allow_pipeline=settings.allow_pipeline_fallback)
 
     def predict(self, context, model_input, params=None):
         # No type hints here: MLflow would try to derive a second signature from them.

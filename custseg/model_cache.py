@@ -11,6 +11,11 @@ alias moved, a version added or deleted) changes the stamp, and the next run ask
 Only a local SQLite registry (the embedded store, or a ``sqlite:///`` tracking URI) can be stamped; with
 a tracking server or another database every run resolves through MLflow and only the download is saved.
 The stamp is taken before MLflow is asked, so a change made while resolving is seen by the next run.
+
+A cached bundle is used only when its files match the checksums the registry recorded for its version
+(read straight from the registry's SQLite database, without MLflow); otherwise it is removed and fetched
+again, and the fresh download must verify too. Folders are built from a validated name and a numeric
+version, and nothing outside the cache folder is ever removed.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import sqlite3
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
-from custseg.errors import ModelLoadError
+from custseg.errors import BundleVerificationError, ModelLoadError
 from custseg.settings import Settings
+from custseg.verification import DIGESTS_TAG, decode_digests, verify_bundle
 
 if TYPE_CHECKING:
     from custseg.predict import Scorer
@@ -36,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESOLVED_FILE = "resolved.json"
+_VERSION = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass(frozen=True)
@@ -104,10 +113,68 @@ def lookup(settings: Settings, uri: str) -> CachedModel | None:
     name, version = entry.get("name"), entry.get("version")
     if not isinstance(name, str) or not isinstance(version, str):
         return None
-    folder = _bundle_folder(settings, name, version)
+    try:
+        folder = _bundle_folder(settings, name, version)
+    except ModelLoadError as exc:  # a hand-edited resolved.json: a miss, never a path outside the cache
+        logger.warning("ignoring a malformed model cache entry: %s", exc)
+        return None
     if not (folder / "bundle.json").exists():
         return None
+    try:
+        digests = registry_digests(settings, name, version)
+        if digests is not None:
+            verify_bundle(folder, digests, f"the registry (tag {DIGESTS_TAG} of {name} version {version})")
+    except BundleVerificationError as exc:
+        logger.warning("%s; fetching it again from the registry", exc)
+        remove_cached(settings, folder)
+        return None
     return CachedModel(name, version, folder, from_cache=True)
+
+
+def registry_digests(settings: Settings, name: str, version: str) -> dict[str, str] | None:
+    """The bundle checksums recorded for ``name`` ``version``, read from the registry's SQLite file.
+
+    None only when the version has no checksum tag and the operator allows unverified bundles; raises
+    BundleVerificationError when they cannot be read (the caller then asks MLflow, which refuses or not).
+    """
+    database = sqlite_path(settings.effective_tracking_uri)
+    if database is None:
+        raise BundleVerificationError("the registry is not a local SQLite file")
+    try:
+        # read-only: reading must not change the file (nor its stamp)
+        with contextlib.closing(
+            sqlite3.connect(f"file:{quote(str(database))}?mode=ro", uri=True, timeout=5)
+        ) as connection:
+            rows = connection.execute(
+                "SELECT DISTINCT value FROM model_version_tags WHERE name = ? AND version = ? AND key = ?",
+                (name, int(version), DIGESTS_TAG),
+            ).fetchall()
+    except (sqlite3.Error, ValueError) as exc:
+        raise BundleVerificationError(f"cannot read bundle checksums from {database.name} ({exc})") from exc
+    if not rows:
+        if settings.allow_unverified_bundles:
+            return None
+        raise BundleVerificationError(f"{name} version {version} has no bundle checksums")
+    if len(rows) != 1:
+        raise BundleVerificationError(f"{name} version {version} has conflicting bundle checksums")
+    try:
+        return decode_digests(rows[0][0], f"tag {DIGESTS_TAG}")
+    except ValueError as exc:
+        raise BundleVerificationError(f"tag {DIGESTS_TAG} is not valid JSON") from exc
+
+
+def remove_cached(settings: Settings, folder: Path) -> None:
+    """Remove a cached bundle folder, and only if it is really a folder inside the cache."""
+    root = cache_root(settings).resolve()
+    if folder.is_symlink() or not folder.exists():
+        if folder.is_symlink() and folder.parent.resolve().is_relative_to(root):
+            folder.unlink()  # the link itself, never what it points at
+        return
+    resolved = folder.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        logger.error("not removing %s: it is outside the model cache %s", folder, root)
+        return
+    shutil.rmtree(resolved, ignore_errors=True)
 
 
 def store(
@@ -117,18 +184,30 @@ def store(
     version: str,
     download: Callable[[Path], Path],
     stamp: list[list[int]] | None,
+    digests: Mapping[str, str] | None = None,
 ) -> CachedModel:
     """Keep the bundle of ``name`` ``version`` (``download(into)`` fetches it) and remember ``uri``'s answer.
 
     ``stamp`` is the registry stamp taken *before* ``uri`` was resolved (None: do not remember).
+    ``digests`` are the checksums the registry recorded: a cached copy that differs is fetched again,
+    and the copy finally kept must match them (BundleVerificationError otherwise).
     """
     folder = _bundle_folder(settings, name, version)
+    where = f"the registry (tag {DIGESTS_TAG} of {name} version {version})"
+    if digests is not None and folder.exists():
+        try:
+            verify_bundle(folder, digests, where)
+        except BundleVerificationError as exc:
+            logger.warning("%s; fetching it again from the registry", exc)
+            remove_cached(settings, folder)
     if not (folder / "bundle.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
             fetched = download(Path(tmp))  # inside folder.parent: renamed into place, not copied
             with contextlib.suppress(OSError):  # another process stored it first: keep theirs
                 os.replace(fetched, folder)
+    if digests is not None:
+        verify_bundle(folder, digests, where)  # theirs, or ours: what is used must match the record
     if stamp is not None:
         resolved = _read_resolved(settings)
         resolved[_key(settings, uri)] = {"name": name, "version": version, "stamp": stamp}
@@ -141,7 +220,12 @@ def _key(settings: Settings, uri: str) -> str:
 
 
 def _bundle_folder(settings: Settings, name: str, version: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    """``<cache>/<name>/<version>``; refuses a version that is not a number and names like ``..``."""
+    if not _VERSION.fullmatch(str(version)):
+        raise ModelLoadError(f"model version {version!r} is not a number")
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in name)
+    if not safe.strip("."):
+        raise ModelLoadError(f"model name {name!r} cannot name a cache folder")
     return cache_root(settings) / safe / str(version)
 
 
@@ -167,11 +251,17 @@ def champion_uri(settings: Settings) -> str:
 
 def resolve_and_store(settings: Settings, uri: str) -> CachedModel:
     """Ask the registry which version ``uri`` names, keep its bundle and remember the answer."""
-    from custseg.registry import download_bundle, resolve
+    from custseg.registry import download_bundle, recorded_digests, resolve
 
     stamp = registry_stamp(settings)  # before asking: a change made meanwhile shows on the next run
     ref = resolve(settings, uri)
-    return store(settings, uri, ref.name, ref.version, lambda into: download_bundle(ref, into), stamp)
+    unverified = settings.allow_unverified_bundles
+    digests = recorded_digests(ref, allow_unverified=unverified)
+
+    def download(into: Path) -> Path:
+        return download_bundle(ref, into, allow_unverified=unverified)
+
+    return store(settings, uri, ref.name, ref.version, download, stamp, digests)
 
 
 def refresh_champion(settings: Settings) -> None:
@@ -196,18 +286,16 @@ def load_batch_scorer(settings: Settings, model_uri: str | None = None) -> tuple
     from custseg.predict import Scorer
 
     uri = model_uri or champion_uri(settings)
-    cached = lookup(settings, uri) or resolve_and_store(settings, uri)
-    logger.info(
-        "model %s version %s from %s",
-        cached.name,
-        cached.version,
-        "cache" if cached.from_cache else "registry",
-    )
-    try:
-        return Scorer.from_bundle(cached.folder, compiled=True), cached
-    except ModelLoadError:
-        # A damaged copy (disk trouble, a hand edit) must not stick: fetch it again, once.
-        logger.warning("cached bundle %s failed to load; downloading it again", cached.folder)
-        shutil.rmtree(cached.folder, ignore_errors=True)
-        cached = resolve_and_store(settings, uri)
-        return Scorer.from_bundle(cached.folder, compiled=True), cached
+    allow_pipeline = settings.allow_pipeline_fallback
+    cached = lookup(settings, uri)
+    if cached is not None:
+        try:
+            scorer = Scorer.from_bundle(cached.folder, compiled=True, allow_pipeline=allow_pipeline)
+            logger.info("model %s version %s from cache", cached.name, cached.version)
+            return scorer, cached
+        except Exception as exc:  # any failure of a cached copy (disk trouble, a hand edit): fetch again
+            logger.warning("cached bundle %s failed to load (%s); downloading it again", cached.folder, exc)
+            remove_cached(settings, cached.folder)
+    cached = resolve_and_store(settings, uri)
+    logger.info("model %s version %s from registry", cached.name, cached.version)
+    return Scorer.from_bundle(cached.folder, compiled=True, allow_pipeline=allow_pipeline), cached

@@ -444,6 +444,7 @@ def run_monitor(
         log = PredictionLog.from_settings(settings)
         try:
             current = log.window(since, until, model_version)
+            log_status = log.status()  # quarantined and spooled rows: visible in `custseg monitor`
         finally:
             log.close()
         source = "prediction log"
@@ -452,6 +453,8 @@ def run_monitor(
     )
     report["model"] = {"name": model.name, "version": model.version, "run_id": model.run_id}
     report["source"] = source
+    if current_path is None:
+        report["prediction_log"] = log_status
     report["window"] = {
         "since": _iso(since),
         "until": _iso(until),
@@ -657,6 +660,8 @@ class LiveMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._references: dict[str, Reference] = {}
+        self.performance_rows = settings.monitor_performance_rows
+        self._marker: tuple[int, int] | None = None  # newest ids at the last performance query
         self.drift: dict[str, Any] | None = None
         self.performance: dict[str, float] = {}
         self.refreshed_at: float | None = None
@@ -696,9 +701,22 @@ class LiveMonitor:
             labels = pd.Series([r[1] for r in rows], dtype=str)
             self.drift = drift_report(reference.frame, reference.stats, frame, labels, self.thresholds)
         if self.log is not None:
-            since = time.time() - LIVE_PERFORMANCE_DAYS * 86400
-            self.performance = realised_performance(self.log.window(since, labelled_only=True))
+            self._refresh_performance()
         self.refreshed_at = time.time()
+
+    def _refresh_performance(self) -> None:
+        """Realised performance over at most ``performance_rows`` of the latest labelled predictions
+        of the last days; skipped (two index reads) when no prediction or feedback arrived since."""
+        marker = self.log.change_marker()
+        if marker == self._marker:
+            return
+        if marker[1] == 0:  # no feedback at all: nothing to join
+            self.performance = {"n_feedback": 0.0}
+        else:
+            since = time.time() - LIVE_PERFORMANCE_DAYS * 86400
+            labelled = self.log.window(since, labelled_only=True, limit=self.performance_rows, newest=True)
+            self.performance = realised_performance(labelled)
+        self._marker = marker
 
     def _reference(self, version: str) -> Reference:
         if version not in self._references:

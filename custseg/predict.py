@@ -3,11 +3,15 @@
 A *bundle* is a folder written at training time and stored with every registered model version:
 
 - ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
-- ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check;
+- ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check
+                     *and* the operator allows it (``allow_pipeline_fallback``);
 - ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel (`custseg.forest`),
                      bit-for-bit the pipeline's answers; batch scoring uses it, the API keeps ONNX Runtime;
-- ``bundle.json``    class order, the skops types to trust, parity results and check rows with the
-                     answers the pipeline gave at training time (re-checked on every load).
+- ``bundle.json``    class order, parity results and check rows with the answers the pipeline gave at
+                     training time (re-checked on every load).
+
+Which skops types are trusted is decided here, in code (`SKOPS_TRUSTED_TYPES`), never by the bundle; that
+the files are the ones registered is checked before this module sees them (`custseg.verification`).
 
 The API, the batch scorer, the Azure entry script and the MLflow pyfunc all score through `Scorer`.
 """
@@ -35,8 +39,15 @@ PIPELINE_FILE = "pipeline.skops"
 BUNDLE_FILE = "bundle.json"
 PROBA_TOLERANCE = 1e-5
 
-TRUSTED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.")
-"""skops loads only types from these modules; anything else in a bundle is refused."""
+SKOPS_TRUSTED_TYPES = frozenset(
+    {
+        "sklearn.tree._tree.Tree",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    }
+)
+"""The types skops does not trust by itself that custseg's candidate pipelines need (forests, trees,
+gradient boosting, histogram gradient boosting), by exact name. A pipeline.skops needing any other type
+is refused; a new kind of candidate adds its types here (training refuses to write it until then)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,7 @@ def write_bundle(
     folder.mkdir(parents=True, exist_ok=True)
     sio.dump(pipeline, folder / PIPELINE_FILE)
     trusted = sio.get_untrusted_types(file=folder / PIPELINE_FILE)
-    _refuse_foreign_types(trusted)
+    _refuse_foreign_types(trusted, f"the pipeline of {type(pipeline.steps[-1][1]).__name__}")
 
     parity: dict[str, Any] = {}
     onnx_ok = False
@@ -144,7 +155,7 @@ def write_bundle(
         "parity": parity,
         "forest": bool(forest_parity.get("passed")),
         "forest_parity": forest_parity,
-        "skops_trusted_types": trusted,
+        "skops_trusted_types": trusted,  # informational only: trust comes from SKOPS_TRUSTED_TYPES
         "check_rows": json.loads(features.to_json(orient="records")),
         "check_labels": [str(x) for x in pipeline.predict(features)],
         "check_probabilities": pipeline.predict_proba(features).round(8).tolist(),
@@ -196,49 +207,49 @@ class Scorer:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_bundle(cls, folder: str | Path, *, prefer_onnx: bool = True, compiled: bool = False) -> Scorer:
+    def from_bundle(
+        cls,
+        folder: str | Path,
+        *,
+        prefer_onnx: bool = True,
+        compiled: bool = False,
+        allow_pipeline: bool = False,
+    ) -> Scorer:
         """Load a bundle and re-check it against the answers recorded at training time.
 
-        ``compiled`` (batch scoring) uses the bundle's compiled forest when it has one.
+        ``compiled`` (batch scoring) uses the bundle's compiled forest when it has one. The scikit-learn
+        pipeline is loaded only with ``allow_pipeline`` (the operator's ``allow_pipeline_fallback``):
+        ``"onnx": false`` in bundle.json alone never makes this load ``pipeline.skops``.
         """
         folder = Path(folder)
         try:
             meta = json.loads((folder / BUNDLE_FILE).read_text())
-        except (OSError, ValueError) as exc:
+            classes = tuple(str(c) for c in meta["classes"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{folder} is not a custseg model bundle ({exc})") from exc
-        classes = tuple(meta["classes"])
-        scorer: Scorer | None = None
-        has_forest = compiled and bool(meta.get("forest")) and (folder / FOREST_FILE).exists()
-        if has_forest and not kernel_available():
-            logger.warning("custseg was installed without its C forest kernel (no compiler?); using ONNX")
-        elif has_forest:
-            try:
-                forest = CompiledForest.load(folder / FOREST_FILE)
-                if forest.classes != classes:
-                    raise ModelLoadError(
-                        f"forest classes {forest.classes} differ from the bundle's {classes}"
-                    )
-                scorer = cls(classes=classes, backend="forest", _forest=forest, meta=meta)
-                scorer.verify()
-            except Exception as exc:
-                logger.error("compiled forest in %s failed to load or check (%s); using ONNX", folder, exc)
-                scorer = None
+        scorer = _forest_scorer(cls, folder, meta, classes) if compiled else None
+        onnx_problem = "pipeline requested" if not prefer_onnx else "the bundle has no ONNX graph"
         if scorer is None and prefer_onnx and meta.get("onnx") and (folder / ONNX_FILE).exists():
             try:
                 session = _onnx_session((folder / ONNX_FILE).read_bytes())
                 scorer = cls(classes=classes, backend="onnx", _session=session, meta=meta)
                 scorer.verify()
             except Exception as exc:
-                logger.error(
-                    "ONNX model in %s failed to load or check (%s); falling back to sklearn", folder, exc
-                )
+                if not allow_pipeline:  # the ONNX failure is the reason: say it as it is
+                    if isinstance(exc, ModelLoadError):
+                        raise
+                    raise ModelLoadError(f"the ONNX model in {folder} failed to load ({exc})") from exc
+                onnx_problem = f"the ONNX model failed to load or check ({exc})"
                 scorer = None
         if scorer is None:
-            scorer = cls(
-                classes=classes, backend="sklearn", _pipeline=_load_pipeline(folder, meta), meta=meta
-            )
-            if prefer_onnx:
-                logger.warning("serving %s with scikit-learn: no usable ONNX graph", folder)
+            if not allow_pipeline:
+                raise ModelLoadError(
+                    f"refusing to serve {folder}: {onnx_problem}, and loading its scikit-learn pipeline "
+                    "is not allowed. Set CUSTSEG_ALLOW_PIPELINE_FALLBACK=true to serve it with "
+                    "scikit-learn, or register a model with a working ONNX graph."
+                )
+            logger.warning("serving %s with scikit-learn (allowed by the operator): %s", folder, onnx_problem)
+            scorer = cls(classes=classes, backend="sklearn", _pipeline=_load_pipeline(folder), meta=meta)
             scorer.verify()
         return scorer
 
@@ -276,6 +287,27 @@ class Scorer:
         return self.score_columns(to_columns(prepare_frame(frame)))
 
 
+def _forest_scorer(
+    cls: type[Scorer], folder: Path, meta: Mapping[str, Any], classes: tuple[str, ...]
+) -> Scorer | None:
+    """The compiled-forest scorer if the bundle has a forest that loads and checks; else None."""
+    if not (meta.get("forest") and (folder / FOREST_FILE).exists()):
+        return None
+    if not kernel_available():
+        logger.warning("custseg was installed without its C forest kernel (no compiler?); using ONNX")
+        return None
+    try:
+        forest = CompiledForest.load(folder / FOREST_FILE)
+        if forest.classes != classes:
+            raise ModelLoadError(f"forest classes {forest.classes} differ from the bundle's {classes}")
+        scorer = cls(classes=classes, backend="forest", _forest=forest, meta=dict(meta))
+        scorer.verify()
+        return scorer
+    except Exception as exc:
+        logger.error("compiled forest in %s failed to load or check (%s); using ONNX", folder, exc)
+        return None
+
+
 def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Check the raw columns are present and gender known; return them with gender made canonical."""
     missing = [c for c in schema.FEATURE_NAMES if c not in frame.columns]
@@ -298,24 +330,24 @@ def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _refuse_foreign_types(types: list[str]) -> None:
-    foreign = [t for t in types if not t.startswith(TRUSTED_TYPE_PREFIXES)]
+def _refuse_foreign_types(types: list[str], where: str) -> None:
+    foreign = sorted(set(types) - SKOPS_TRUSTED_TYPES)
     if foreign:
-        raise ModelLoadError(f"refusing to load types outside scikit-learn/numpy: {foreign}")
+        raise ModelLoadError(
+            f"refusing to load {where}: it needs types custseg does not trust: {', '.join(foreign)} "
+            "(the trusted types are SKOPS_TRUSTED_TYPES in custseg/predict.py)"
+        )
 
 
-def _load_pipeline(folder: Path, meta: Mapping[str, Any]) -> Any:
+def _load_pipeline(folder: Path) -> Any:
     import skops.io as sio
 
     path = folder / PIPELINE_FILE
     if not path.exists():
         raise ModelLoadError(f"bundle {folder} has no {PIPELINE_FILE}")
     untrusted = sio.get_untrusted_types(file=path)
-    _refuse_foreign_types(untrusted)
-    unexpected = sorted(set(untrusted) - set(meta.get("skops_trusted_types", [])))
-    if unexpected:
-        raise ModelLoadError(f"{path} contains types not recorded at training time: {unexpected}")
-    return sio.load(path, trusted=untrusted)
+    _refuse_foreign_types(untrusted, str(path))
+    return sio.load(path, trusted=sorted(SKOPS_TRUSTED_TYPES & set(untrusted)))
 
 
 def _onnx_session(onnx_bytes: bytes) -> Any:

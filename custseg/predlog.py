@@ -5,24 +5,27 @@ SQLAlchemy Core on SQLite (WAL, under ``CUSTSEG_HOME``) by default, or any Postg
 
 Writing never blocks a request: ``submit`` appends to a bounded in-memory buffer and a background
 thread writes it in batches (every ``flush_seconds`` or ``batch_rows`` rows, one executemany each).
-Rows leave the buffer only once their batch is committed, so while the database is down they stay
-there (up to ``max_rows``; beyond that new rows are dropped and counted) and are written when it comes
-back. ``close`` writes everything still buffered before it returns. After a hard kill (SIGKILL, power
-loss) the rows not yet written are lost: at most about ``flush_seconds`` of traffic.
+Every database call is bounded (connect and statement timeouts, TCP keepalives, and a client-side
+wait for a database that neither answers nor fails). A batch the database refuses (a bad value, not
+a lost connection) is bisected: its good rows are stored and each refused row goes to a quarantine
+table (or a file when that fails too), counted. While the database is down or hung, rows go to a
+durable local spool (:mod:`custseg.predlog_spool`) every flush and are replayed, idempotently, when it
+answers again or at the next start; ``close`` spools whatever it cannot write within a bounded time.
+Only a hard kill (SIGKILL, power loss) loses rows: those answered in the last ``flush_seconds``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
-import math
 import numbers
 import operator
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from sqlalchemy.engine import Engine
 
 from custseg import schema
 from custseg.errors import CustsegError, DataValidationError, Problem
+from custseg.predlog_spool import BoundedCalls, DatabaseHung, QuarantineFile, Spool
 from custseg.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,9 +56,11 @@ class PredictionLogError(CustsegError):
 
 @dataclass(frozen=True)
 class FeedbackResult:
-    """What ``record_feedback`` did: rows written, keys already known (not written again)."""
+    """What ``record_feedback`` did: rows written (of which ``corrected`` changed an earlier true
+    segment), and keys whose latest true segment already was the one sent (not written again)."""
 
     written: int
+    corrected: int = 0
     duplicates: list[str] = field(default_factory=list)
 
 
@@ -67,8 +73,13 @@ class UnknownFeedbackError(PredictionLogError):
         super().__init__(f"no logged prediction for {len(unknown)} id(s): {shown}; nothing was written")
 
 
+class _Unavailable(Exception):
+    """The database cannot be reached or did not answer (as opposed to refusing a row)."""
+
+
 def build_tables(prefix: str = "") -> tuple[sa.MetaData, sa.Table, sa.Table]:
-    """The predictions and feedback tables (names prefixed with ``prefix``)."""
+    """The predictions and feedback-history tables (names prefixed with ``prefix``); the quarantine
+    table is in the same metadata."""
     metadata = sa.MetaData()
     predictions = sa.Table(
         f"{prefix}predictions",
@@ -84,22 +95,36 @@ def build_tables(prefix: str = "") -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("label", sa.String(32), nullable=False),
         *[sa.Column(f"{PROBA_PREFIX}{label}", sa.Double) for label in schema.LABELS],
         sa.Column("latency_ms", sa.Double),
+        # The server's own id is the key; a client's X-Request-ID is kept beside it (last, so that
+        # ensure_schema can add it to an older table).
+        sa.Column("client_request_id", sa.String(128)),
         sa.UniqueConstraint("request_id", "row_index", name=f"{prefix}uq_predictions_request_row"),
         sa.Index(f"{prefix}ix_predictions_ts", "ts"),
         sa.Index(f"{prefix}ix_predictions_customer", "customer_id"),
     )
+    # Append-only: a correction is a new row; the latest (highest id) per feedback_key wins.
     feedback = sa.Table(
-        f"{prefix}feedback",
+        f"{prefix}feedback_history",
         metadata,
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
-        sa.Column("feedback_key", sa.String(200), nullable=False, unique=True),
+        sa.Column("feedback_key", sa.String(200), nullable=False),
         sa.Column("request_id", sa.String(64)),
         sa.Column("row_index", sa.Integer),
         sa.Column("customer_id", sa.String(128)),
         sa.Column("customer_segment", sa.String(32), nullable=False),
+        sa.Column("ts", sa.Double, nullable=False),  # server time, never the client's
+        sa.Column("source", sa.String(128), nullable=False),  # who: an API key's name, "cli", ...
+        sa.Index(f"{prefix}ix_feedback_history_key", "feedback_key", "id"),
+        sa.Index(f"{prefix}ix_feedback_history_request", "request_id", "row_index"),
+        sa.Index(f"{prefix}ix_feedback_history_customer", "customer_id"),
+    )
+    sa.Table(
+        f"{prefix}predictions_quarantine",
+        metadata,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
         sa.Column("ts", sa.Double, nullable=False),
-        sa.Index(f"{prefix}ix_feedback_request", "request_id", "row_index"),
-        sa.Index(f"{prefix}ix_feedback_customer", "customer_id"),
+        sa.Column("reason", sa.String(200), nullable=False),
+        sa.Column("row_json", sa.Text, nullable=False),  # JSON with \u escapes: any value fits
     )
     return metadata, predictions, feedback
 
@@ -126,6 +151,7 @@ def entries_to_rows(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
             "customer_id": None if customer is None else str(customer),
             "label": str(entry["label"]),
             "latency_ms": None if entry.get("latency_ms") is None else float(entry["latency_ms"]),
+            "client_request_id": _optional_text(entry.get("client_request_id")),
         }
         for f in schema.FEATURES:
             row[f.name] = features.get(f.name)
@@ -156,12 +182,14 @@ def scored_rows(
     probabilities: Any,
     classes: Sequence[str],
     latency_ms: float | None,
+    client_request_id: str | None = None,
 ) -> list[tuple[Any, ...]]:
     """One request's table rows (predictions columns in table order, without ``id``)."""
     picks = _label_positions(tuple(classes))
     meta = (float(ts), str(model_name), str(model_version))
     rid = str(request_id)
     latency = None if latency_ms is None else float(latency_ms)
+    client_id = _optional_text(client_request_id)
     rows = []
     for i, (record, label, p) in enumerate(
         zip(records, _tolist(labels), _tolist(probabilities), strict=True)
@@ -177,6 +205,7 @@ def scored_rows(
                 str(label),
                 *[None if j is None else float(p[j]) for j in picks],
                 latency,
+                client_id,
             )
         )
     return rows
@@ -195,11 +224,16 @@ def _row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
             "customer_id": r[5],
             "features": dict(zip(names, r[6 : 6 + nf], strict=True)),
             "label": r[6 + nf],
-            "probabilities": {k: v for k, v in zip(labels, r[7 + nf : -1], strict=True) if v is not None},
-            "latency_ms": r[-1],
+            "probabilities": {k: v for k, v in zip(labels, r[7 + nf : -2], strict=True) if v is not None},
+            "latency_ms": r[-2],
+            "client_request_id": r[-1],
         }
         for r in rows
     ]
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _tolist(values: Any) -> list[Any]:
@@ -229,8 +263,11 @@ def _positional_insert(engine: Engine, table: sa.Table, columns: Sequence[str]) 
     return sql + " ON CONFLICT DO NOTHING"
 
 
-def feedback_rows(records: Sequence[Mapping[str, Any]], now: float) -> list[dict[str, Any]]:
-    """Validate feedback records (request_id [+ row_index] or customer_id, plus customer_segment)."""
+def feedback_rows(records: Sequence[Mapping[str, Any]], now: float, source: str) -> list[dict[str, Any]]:
+    """Validate feedback records (request_id [+ row_index] or customer_id, plus customer_segment).
+
+    Every row gets the server's time ``now`` and ``source``; a client's ``ts`` is ignored (a client
+    clock must not decide what retention keeps)."""
     problems: list[Problem] = []
     rows: list[dict[str, Any]] = []
     for i, record in enumerate(records, start=1):
@@ -251,10 +288,6 @@ def feedback_rows(records: Sequence[Mapping[str, Any]], now: float) -> list[dict
         if row_index is None:  # a list, text or fraction here is the client's error, not a server error
             problems.append(Problem(f"{record.get('row_index')!r} is not a whole number", i, "row_index"))
             continue
-        ts = _timestamp(record.get("ts"), now)
-        if ts is None:
-            problems.append(Problem(f"{record.get('ts')!r} is not a Unix timestamp", i, "ts"))
-            continue
         if request_id is not None:
             key = f"request:{request_id}:{row_index}"
             rows.append(
@@ -265,7 +298,7 @@ def feedback_rows(records: Sequence[Mapping[str, Any]], now: float) -> list[dict
             rows.append(
                 {"feedback_key": key, "request_id": None, "row_index": None, "customer_id": customer_id}
             )
-        rows[-1].update({"customer_segment": segment, "ts": ts})
+        rows[-1].update({"customer_segment": segment, "ts": now, "source": source[:128]})
     if problems:
         raise DataValidationError(problems, source="feedback")
     return rows
@@ -284,21 +317,6 @@ def _whole_number(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return None
-
-
-def _timestamp(value: Any, now: float) -> float | None:
-    """ts as a finite float (missing is ``now``), or None when it is not a number."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return now
-    if isinstance(value, float) and value != value:
-        return now
-    if isinstance(value, bool):
-        return None
-    try:
-        ts = float(value)
-    except (TypeError, ValueError):
-        return None
-    return ts if math.isfinite(ts) else None
 
 
 def _blank_to_none(value: Any) -> str | None:
@@ -326,7 +344,13 @@ class PredictionLog:
         batch_rows: int = 500,
         retention_days: float = 0.0,
         purge_seconds: float = 3600.0,
-        close_timeout: float = 30.0,
+        close_timeout: float = 20.0,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 256 << 20,
+        statement_timeout: float = 5.0,
+        connect_timeout: float = 3.0,
+        retry_max_seconds: float = 5.0,
+        read_timeout: float = 60.0,
     ) -> None:
         self.url = url
         self.max_rows = max_rows
@@ -335,10 +359,23 @@ class PredictionLog:
         self.retention_days = retention_days
         self.purge_seconds = purge_seconds
         self.close_timeout = close_timeout
+        self.statement_timeout = statement_timeout
+        self.connect_timeout = connect_timeout
+        self.retry_max_seconds = retry_max_seconds
+        self.read_timeout = read_timeout
+        # A write waits for the server's own statement timeout plus a connect, then gives up on it.
+        self.write_timeout = statement_timeout + connect_timeout + 1.0
         self.metadata, self.predictions, self.feedback = build_tables(table_prefix)
+        self.quarantine = self.metadata.tables[f"{table_prefix}predictions_quarantine"]
+        self._columns = [c.name for c in self.predictions.columns if c.name != "id"]
+        folder = Path(spool_dir) if spool_dir is not None else _default_spool_dir(url, table_prefix)
+        self.spool = Spool(folder, self._columns, max_bytes=spool_max_bytes)
+        self.quarantine_file = QuarantineFile(folder / "quarantine.jsonl")
         # Counters read by the Prometheus collector (monotonic, like *_total metrics).
         self.submitted = 0
-        self.written = 0
+        self.written = 0  # rows the database actually stored
+        self.duplicates = 0  # rows the database already held (a replay, a repeated submit)
+        self.quarantined = 0
         self.dropped = 0
         self.write_failures = 0
         self.purged = 0
@@ -346,10 +383,9 @@ class PredictionLog:
         self._companions: list[Any] = []
         # Submitted, not yet turned into rows: (rows, scored request or None, entries or None).
         self._pending: deque[tuple[int, tuple[Any, ...] | None, list[dict[str, Any]] | None]] = deque()
-        self._rows: list[tuple[Any, ...]] = []  # rows built by the writer, kept until committed
+        self._rows: list[tuple[Any, ...]] = []  # rows built by the writer, kept until stored or spooled
         self._backlog = 0  # rows in _pending and _rows
         self._drain_lock = threading.Lock()
-        self._columns = [c.name for c in self.predictions.columns if c.name != "id"]
         self._insert_sql: tuple[Engine, str | None] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -359,6 +395,13 @@ class PredictionLog:
         self._engine_lock = threading.Lock()
         self._schema_ready = False
         self._last_purge = 0.0
+        # Database state seen by the writer: while down, rows go to the spool and the database is
+        # tried again after an exponential backoff (capped at retry_max_seconds).
+        self.down_since: float | None = None
+        self._next_try = 0.0
+        self._backoff = flush_seconds
+        self._writes = BoundedCalls(1, name="custseg-predlog-write")  # one hung write at most
+        self._queries = BoundedCalls(4, name="custseg-predlog-query")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PredictionLog:
@@ -369,6 +412,14 @@ class PredictionLog:
             flush_seconds=settings.prediction_log_flush_seconds,
             batch_rows=settings.prediction_log_batch_rows,
             retention_days=settings.prediction_log_retention_days,
+            spool_dir=_default_spool_dir(
+                settings.effective_prediction_log_url, settings.prediction_log_table_prefix, settings.home
+            ),
+            spool_max_bytes=settings.prediction_log_spool_max_bytes,
+            statement_timeout=settings.prediction_log_statement_timeout_seconds,
+            connect_timeout=settings.prediction_log_connect_timeout_seconds,
+            retry_max_seconds=settings.prediction_log_retry_max_seconds,
+            close_timeout=settings.prediction_log_close_seconds,
         )
 
     # -- engine and schema ------------------------------------------------------------------------
@@ -377,11 +428,14 @@ class PredictionLog:
     def engine(self) -> Engine:
         with self._engine_lock:
             if self._engine is None:
-                self._engine = _create_engine(self.url)
+                self._engine = _create_engine(
+                    self.url, connect_timeout=self.connect_timeout, statement_timeout=self.statement_timeout
+                )
             return self._engine
 
     def ensure_schema(self) -> None:
-        """Create the tables if missing (safe when several replicas start at once)."""
+        """Create the tables if missing (safe when several replicas start at once) and add the
+        columns that older versions lacked."""
         if self._schema_ready:
             return
         try:
@@ -389,7 +443,30 @@ class PredictionLog:
         except sa.exc.DBAPIError:
             # Another replica may have created them between the check and the create.
             self.metadata.create_all(self.engine, checkfirst=True)
+        self._upgrade_schema()
         self._schema_ready = True
+
+    def _upgrade_schema(self) -> None:
+        """Tables of an older custseg: add ``client_request_id``; copy the old one-row-per-key
+        feedback table (``<prefix>feedback``, kept as it was) into the history once."""
+        engine = self.engine
+        inspector = sa.inspect(engine)
+        table = self.predictions
+        if "client_request_id" not in {c["name"] for c in inspector.get_columns(table.name)}:
+            quoted = engine.dialect.identifier_preparer.format_table(table)
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {quoted} ADD COLUMN client_request_id VARCHAR(128)")
+        legacy = self.feedback.name.removesuffix("_history")
+        if inspector.has_table(legacy):
+            old = sa.Table(legacy, sa.MetaData(), autoload_with=engine)
+            with engine.begin() as conn:
+                if conn.execute(sa.select(sa.func.count()).select_from(self.feedback)).scalar_one():
+                    return
+                names = ["feedback_key", "request_id", "row_index", "customer_id", "customer_segment", "ts"]
+                query = sa.select(*[old.c[n] for n in names], sa.literal("migrated").label("source"))
+                conn.execute(
+                    sa.insert(self.feedback).from_select([*names, "source"], query.order_by(old.c.id))
+                )
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -400,7 +477,7 @@ class PredictionLog:
         self._companions.append(companion)
 
     def start(self) -> None:
-        """Start the background writer (idempotent)."""
+        """Start the background writer (idempotent); it first replays what an earlier run spooled."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -445,11 +522,14 @@ class PredictionLog:
         probabilities: Any,
         classes: Sequence[str],
         latency_ms: float | None,
+        *,
+        client_request_id: str | None = None,
     ) -> None:
         """Queue one answered request as it is (records with the feature attributes and ``customer_id``,
         the label array and the probability matrix whose columns follow ``classes``): the cheap hand-off
-        for the API. The writer thread builds the rows (and shows them to the companions); same bound,
-        drop counting and guarantees as :meth:`submit`."""
+        for the API. ``request_id`` is the server's own id (the key); ``client_request_id`` the
+        client's X-Request-ID, kept beside it. The writer thread builds the rows (and shows them to the
+        companions); same bound, drop counting and guarantees as :meth:`submit`."""
         request = (
             request_id,
             ts,
@@ -460,6 +540,7 @@ class PredictionLog:
             probabilities,
             classes,
             latency_ms,
+            client_request_id,
         )
         n = len(records)
         with self._lock:
@@ -474,13 +555,18 @@ class PredictionLog:
 
     @property
     def backlog(self) -> int:
-        """Rows accepted but not yet written."""
+        """Rows accepted but not yet stored or spooled."""
         return self._backlog
 
+    @property
+    def database_up(self) -> bool:
+        return self.down_since is None
+
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted so far is written; False if that took longer than ``timeout``."""
+        """Wait until everything submitted so far is stored (or, while the database is down, spooled);
+        False if that took longer than ``timeout``."""
         if self._thread is None or not self._thread.is_alive():
-            return self._drain_once()
+            return self._drain_once(force=True) and not self._backlog
         deadline = time.monotonic() + timeout
         with self._lock:
             self._wake.notify()
@@ -491,8 +577,8 @@ class PredictionLog:
         return True
 
     def close(self) -> None:
-        """Stop the writer after writing every buffered row (gives up after ``close_timeout`` if the
-        database stays unreachable, and says how many rows were lost)."""
+        """Stop the writer after storing every buffered row; within ``close_timeout`` (plus one bounded
+        database call) rows the database cannot take are in the spool, to be replayed at the next start."""
         for companion in self._companions:
             companion.close()
         thread = self._thread
@@ -500,65 +586,140 @@ class PredictionLog:
             self._stopping = True
             self._wake.notify()
         if thread is not None:
-            thread.join()
+            thread.join(timeout=self.close_timeout)
+            if thread.is_alive():
+                logger.error(
+                    "prediction log writer did not stop in %g s; spooling its backlog", self.close_timeout
+                )
         else:
-            self._drain_once()
+            self._drain_once(force=True, stopping=True)
+        if self._backlog and self._drain_lock.acquire(timeout=self.write_timeout):
+            try:  # the writer gave up (or never ran): whatever is left goes to the spool now
+                self._build_rows()
+                self._spool_rows()
+            finally:
+                self._drain_lock.release()
         if self._backlog:
-            logger.error(
-                "prediction log closed with %d unwritten row(s): the database was unreachable (%s)",
-                self._backlog,
-                self.last_error,
-            )
+            logger.error("prediction log closed with %d row(s) neither stored nor spooled", self._backlog)
+        self.spool.close()
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
             self._schema_ready = False
 
     def _run(self) -> None:
-        backoff = self.flush_seconds
-        stop_deadline: float | None = None
         while True:
             with self._lock:
                 if not self._stopping and self._backlog < self.batch_rows:
-                    self._wake.wait(timeout=backoff)
+                    self._wake.wait(timeout=self.flush_seconds)
                 stopping = self._stopping
-            if stopping and stop_deadline is None:
-                stop_deadline = time.monotonic() + self.close_timeout
-            ok = self._drain_once()
-            if ok:
-                backoff = self.flush_seconds
-                self._maybe_purge()
-            else:
-                backoff = min(max(backoff * 2, 0.05), 2.0)
-            if stopping and (not self._backlog or (stop_deadline and time.monotonic() > stop_deadline)):
+            self._drain_once(stopping=stopping)
+            if stopping:
                 return
+            if self.down_since is None:
+                self._maybe_purge()
 
-    def _drain_once(self) -> bool:
-        """Write what is buffered now, batch by batch; False on a database error (rows kept)."""
+    def _drain_once(self, *, force: bool = False, stopping: bool = False) -> bool:
+        """Store what is buffered now, batch by batch, then replay one spooled segment; while the
+        database is down (or hung), spool it instead. False when the database was unavailable."""
         with self._drain_lock:
-            while True:
-                self._build_rows()
-                batch = self._rows[: self.batch_rows]
-                if not batch:
-                    return True
-                try:
-                    self._write_rows(batch)
-                except Exception as exc:  # any driver error: keep the rows, count, retry later
-                    self.write_failures += 1
-                    self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    if self.write_failures == 1 or self.write_failures % 100 == 0:
-                        logger.warning(
-                            "prediction log write failed (%d so far, %d rows waiting): %s",
-                            self.write_failures,
-                            self._backlog,
-                            self.last_error,
-                        )
-                    self._schema_ready = False
-                    return False
-                del self._rows[: len(batch)]
-                with self._lock:
-                    self._backlog -= len(batch)
-                    self.written += len(batch)
+            self._build_rows()
+            waiting = self.down_since is not None and time.monotonic() < self._next_try
+            if waiting and not force and not stopping:
+                self._spool_rows()  # not yet time to try the database again
+                return False
+            if stopping and self.down_since is not None:
+                self._spool_rows()  # shutting down: no retries against a database known to be down
+                return False
+            try:
+                while self._rows:
+                    batch = self._rows[: self.batch_rows]
+                    self._store(batch)
+                    del self._rows[: len(batch)]
+                    with self._lock:
+                        self._backlog -= len(batch)
+                    self._build_rows()
+                if self.spool.maybe_pending and not stopping:
+                    self.spool.replay_one(self._store, self.batch_rows)
+            except _Unavailable as exc:
+                self._mark_down(exc)
+                self._spool_rows()
+                return False
+            self._mark_up()
+            return True
+
+    def _store(self, rows: list[tuple[Any, ...]]) -> None:
+        """Store rows; a refused batch is bisected down to the refused rows, which are quarantined.
+        Raises :class:`_Unavailable` when the database cannot be reached or does not answer."""
+        try:
+            stored = self._writes.run(lambda: self._write_rows(rows), self.write_timeout)
+        except Exception as exc:
+            if not _refused(exc):
+                self._schema_ready = False
+                raise _Unavailable(_reason(exc)) from None
+            if len(rows) == 1:
+                self._quarantine_row(rows[0], exc)
+                return
+            middle = len(rows) // 2
+            self._store(rows[:middle])
+            self._store(rows[middle:])
+            return
+        with self._lock:
+            self.written += stored
+            self.duplicates += len(rows) - stored
+
+    def _quarantine_row(self, row: tuple[Any, ...], exc: BaseException) -> None:
+        """Set a refused row aside: the quarantine table, else the quarantine file (never blocks)."""
+        reason = f"refused by the database: {type(getattr(exc, 'orig', None) or exc).__name__}"[:200]
+        values = dict(zip(self._columns, row, strict=True))
+        payload = json.dumps(values, default=str)
+        try:
+            self._writes.run(lambda: self._insert_quarantine(reason, payload), self.write_timeout)
+        except Exception:
+            self.quarantine_file.append(values, reason)
+        with self._lock:
+            self.quarantined += 1
+        logger.warning("prediction log: quarantined row %s/%s (%s)", str(row[0])[:64], row[1], reason)
+
+    def _insert_quarantine(self, reason: str, payload: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(self.quarantine).values(ts=time.time(), reason=reason, row_json=payload))
+
+    def _spool_rows(self) -> None:
+        """Move every built row to the durable spool (rows beyond its bound are dropped, counted)."""
+        rows = self._rows
+        if not rows:
+            return
+        try:
+            kept = self.spool.append(rows)
+        except OSError as exc:  # a full or read-only disk: keep them in memory, bounded by max_rows
+            logger.error("prediction log spool not writable (%s): %d row(s) kept in memory", exc, len(rows))
+            return
+        self._rows = []
+        with self._lock:
+            self._backlog -= len(rows)
+            self.dropped += len(rows) - kept
+
+    def _mark_down(self, exc: _Unavailable) -> None:
+        now = time.monotonic()
+        self.write_failures += 1
+        self.last_error = str(exc)
+        if self.down_since is None:
+            self.down_since = time.time()
+            self._backoff = max(self.flush_seconds, 0.05)
+            logger.warning("prediction log database unavailable (%s): spooling rows locally", exc)
+        elif self.write_failures % 20 == 0:
+            logger.warning("prediction log database still unavailable (%d failed tries)", self.write_failures)
+        self._next_try = now + self._backoff
+        self._backoff = min(self._backoff * 2, self.retry_max_seconds)
+
+    def _mark_up(self) -> None:
+        if self.down_since is not None:
+            logger.warning(
+                "prediction log database reachable again after %.1f s", time.time() - self.down_since
+            )
+            self.down_since = None
+            self.spool.maybe_pending = True
 
     def _build_rows(self) -> None:
         """Turn everything submitted so far into table rows (once; they wait in ``_rows`` until written)."""
@@ -589,8 +750,9 @@ class PredictionLog:
         rows = entries_to_rows(entries)
         self._write_rows([tuple(row[c] for c in self._columns) for row in rows])
 
-    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
-        """One executemany of positional rows (``_columns`` order) straight through the DBAPI driver."""
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> int:
+        """One executemany of positional rows (``_columns`` order) straight through the DBAPI driver;
+        returns the rows actually inserted (a row whose key is already stored is skipped)."""
         self.ensure_schema()
         engine = self.engine
         if self._insert_sql is None or self._insert_sql[0] is not engine:
@@ -599,18 +761,20 @@ class PredictionLog:
         with engine.begin() as conn:
             if sql is None:  # a driver with named parameters: SQLAlchemy Core with dicts
                 rows_as_dicts = [dict(zip(self._columns, row, strict=True)) for row in rows]
-                conn.execute(_insert_ignoring_duplicates(engine, self.predictions), rows_as_dicts)
+                result = conn.execute(_insert_ignoring_duplicates(engine, self.predictions), rows_as_dicts)
             else:
-                conn.exec_driver_sql(sql, rows)
+                result = conn.exec_driver_sql(sql, rows)
+            count = result.rowcount
+        return len(rows) if count is None or count < 0 else int(count)
 
     def _maybe_purge(self) -> None:
         if self.retention_days <= 0 or time.monotonic() - self._last_purge < self.purge_seconds:
             return
         self._last_purge = time.monotonic()
         try:
-            self.purge(time.time() - self.retention_days * 86400)
+            self._writes.run(lambda: self.purge(time.time() - self.retention_days * 86400), self.read_timeout)
         except Exception as exc:
-            logger.warning("prediction log purge failed: %s", exc)
+            logger.warning("prediction log purge failed: %s", _reason(exc))
 
     def purge(self, before: float) -> int:
         """Delete predictions and feedback older than ``before`` (epoch seconds); returns rows deleted."""
@@ -623,32 +787,41 @@ class PredictionLog:
             logger.info("prediction log: purged %d row(s) older than the retention period", deleted)
         return deleted
 
-    # -- feedback ---------------------------------------------------------------------------------
+    # -- bounded reads and feedback -----------------------------------------------------------------
 
-    @contextmanager
-    def _database(self, action: str) -> Iterator[None]:
-        """Turn driver errors (database down, wrong URL) into one clear message without a traceback."""
+    def _call(self, action: str, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run one database call with a bounded wait; failures become one :class:`PredictionLogError`
+        with a generic reason (never the URL, host, user or the driver's text)."""
         try:
-            yield
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            return self._queries.run(fn, timeout, wait_for_slot=min(timeout, 1.0))
+        except PredictionLogError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, sa.exc.SQLAlchemyError | OSError | DatabaseHung):
+                raise
             self._schema_ready = False
-            where = sa.engine.make_url(self.url).render_as_string(hide_password=True)
-            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             raise PredictionLogError(
-                f"cannot {action} the prediction log at {where}: {first[0] if first else type(exc).__name__}"
+                f"cannot {action} the prediction log: {_reason(exc)}; check that its database is up "
+                "(CUSTSEG_PREDICTION_LOG_URL) and try again"
             ) from None
 
-    def record_feedback(self, records: Sequence[Mapping[str, Any]]) -> FeedbackResult:
-        """Store true segments. All ids must name logged predictions (else nothing is written and
-        :class:`UnknownFeedbackError` lists them); keys already recorded are reported, not rewritten."""
-        rows = feedback_rows(records, time.time())
-        self.flush()
-        with self._database("write feedback to"):
-            return self._record_feedback(rows)
+    def record_feedback(self, records: Sequence[Mapping[str, Any]], *, source: str = "cli") -> FeedbackResult:
+        """Append true segments to the feedback history (server time, ``source`` says who). All ids
+        must name logged predictions (else nothing is written and :class:`UnknownFeedbackError` lists
+        them); a segment equal to the key's latest one is reported as a duplicate, a different one is
+        a correction (the latest wins, earlier ones stay in :meth:`feedback_history`)."""
+        rows = feedback_rows(records, time.time(), source)
+        if self.down_since is not None and time.monotonic() < self._next_try:
+            raise PredictionLogError(
+                "cannot write feedback to the prediction log: its database is unreachable right now "
+                "(predictions are being spooled locally); try again later"
+            )
+        self.flush(timeout=1.0)  # recent predictions should be findable; never a long wait
+        return self._call("write feedback to", lambda: self._record_feedback(rows), self.write_timeout)
 
     def _record_feedback(self, rows: list[dict[str, Any]]) -> FeedbackResult:
         self.ensure_schema()
-        p, fb = self.predictions, self.feedback
+        p = self.predictions
         request_keys = {(r["request_id"], r["row_index"]) for r in rows if r["request_id"] is not None}
         customers = {r["customer_id"] for r in rows if r["customer_id"] is not None}
         with self.engine.begin() as conn:
@@ -669,23 +842,58 @@ class PredictionLog:
             unknown += [f"customer_id {c}" for c in sorted(customers - known_customers)]
             if unknown:
                 raise UnknownFeedbackError(unknown)
-            keys = [r["feedback_key"] for r in rows]
-            existing: set[str] = set()
-            for chunk in _chunks(sorted(set(keys)), 500):
-                found = conn.execute(sa.select(fb.c.feedback_key).where(fb.c.feedback_key.in_(chunk)))
-                existing.update(str(row[0]) for row in found)
-            fresh: dict[str, dict[str, Any]] = {}
+            latest = self._latest_segments(conn, sorted({r["feedback_key"] for r in rows}))
+            fresh: list[dict[str, Any]] = []
             duplicates: list[str] = []
+            corrected = 0
             for row in rows:
-                key = row["feedback_key"]
-                if key in existing or key in fresh:
+                key, segment = row["feedback_key"], row["customer_segment"]
+                if latest.get(key) == segment:
                     duplicates.append(key)
-                else:
-                    fresh[key] = row
+                    continue
+                corrected += key in latest
+                latest[key] = segment
+                fresh.append(row)
             if fresh:
-                # The unique key also guards against a concurrent writer of the same feedback.
-                conn.execute(_insert_ignoring_duplicates(self.engine, fb), list(fresh.values()))
-        return FeedbackResult(written=len(fresh), duplicates=duplicates)
+                conn.execute(sa.insert(self.feedback), fresh)
+        return FeedbackResult(written=len(fresh), corrected=corrected, duplicates=duplicates)
+
+    def _latest_segments(self, conn: sa.Connection, keys: list[str]) -> dict[str, str]:
+        fb = self.feedback
+        latest: dict[str, str] = {}
+        for chunk in _chunks(keys, 500):
+            newest = (
+                sa.select(sa.func.max(fb.c.id))
+                .where(fb.c.feedback_key.in_(chunk))
+                .group_by(fb.c.feedback_key)
+            )
+            found = conn.execute(
+                sa.select(fb.c.feedback_key, fb.c.customer_segment).where(fb.c.id.in_(newest))
+            )
+            latest.update((str(k), str(v)) for k, v in found)
+        return latest
+
+    def feedback_history(
+        self, *, request_id: str | None = None, row_index: int = 0, customer_id: str | None = None
+    ) -> pd.DataFrame:
+        """Every true segment recorded for a request row or a customer, oldest first, with who
+        (``source``) and when (``ts``, server time); the last row is the one in force."""
+        if (request_id is None) == (customer_id is None):
+            raise ValueError("give a request_id or a customer_id")
+        fb = self.feedback
+        if request_id is not None:
+            where = sa.and_(fb.c.request_id == str(request_id), fb.c.row_index == int(row_index))
+        else:
+            where = fb.c.customer_id == str(customer_id)
+        query = sa.select(*[c for c in fb.c if c.name != "id"]).where(where).order_by(fb.c.id)
+
+        def read() -> pd.DataFrame:
+            self.ensure_schema()
+            with self.engine.connect() as conn:
+                result = conn.execute(query)
+                return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+        return self._call("read", read, self.read_timeout)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -697,12 +905,17 @@ class PredictionLog:
         *,
         labelled_only: bool = False,
         limit: int | None = None,
+        newest: bool = False,
     ) -> pd.DataFrame:
         """Logged predictions with ``since <= ts < until`` (epoch seconds), oldest first, with the
-        true segment from feedback (by request id and row, else by customer id) in ``true_segment``
-        (``labelled_only``: only rows that have one)."""
-        with self._database("read"):
-            return self._window(since, until, model_version, labelled_only, limit)
+        latest true segment from feedback (by request id and row, else by customer id) in
+        ``true_segment`` (``labelled_only``: only rows that have one). ``limit`` keeps the oldest rows,
+        or the most recent ones with ``newest``."""
+        return self._call(
+            "read",
+            lambda: self._window(since, until, model_version, labelled_only, limit, newest),
+            self.read_timeout,
+        )
 
     def _window(
         self,
@@ -711,11 +924,15 @@ class PredictionLog:
         model_version: str | None,
         labelled_only: bool,
         limit: int | None,
+        newest: bool,
     ) -> pd.DataFrame:
         self.ensure_schema()
         p, fb = self.predictions, self.feedback
-        by_request = fb.alias("fb_request")
-        by_customer = fb.alias("fb_customer")
+        latest = sa.select(fb.c.request_id, fb.c.row_index, fb.c.customer_id, fb.c.customer_segment).where(
+            fb.c.id.in_(sa.select(sa.func.max(fb.c.id)).group_by(fb.c.feedback_key))
+        )
+        by_request = latest.where(fb.c.request_id.is_not(None)).subquery("fb_request")
+        by_customer = latest.where(fb.c.customer_id.is_not(None)).subquery("fb_customer")
         joined = p.outerjoin(
             by_request,
             sa.and_(by_request.c.request_id == p.c.request_id, by_request.c.row_index == p.c.row_index),
@@ -738,21 +955,59 @@ class PredictionLog:
                     by_request.c.customer_segment.is_not(None), by_customer.c.customer_segment.is_not(None)
                 )
             )
-        query = query.order_by(p.c.ts, p.c.id)
+        query = query.order_by(p.c.ts.desc(), p.c.id.desc()) if newest else query.order_by(p.c.ts, p.c.id)
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             result = conn.execute(query)
             frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        if newest:
+            frame = frame.iloc[::-1].reset_index(drop=True)
         return _typed_window(frame)
 
+    def change_marker(self) -> tuple[int, int]:
+        """The newest prediction and feedback ids: unchanged means no new rows (cheap, two index reads)."""
+
+        def read() -> tuple[int, int]:
+            self.ensure_schema()
+            with self.engine.connect() as conn:
+                top_p = conn.execute(sa.select(sa.func.max(self.predictions.c.id))).scalar()
+                top_f = conn.execute(sa.select(sa.func.max(self.feedback.c.id))).scalar()
+            return int(top_p or 0), int(top_f or 0)
+
+        return self._call("read", read, self.read_timeout)
+
     def count(self) -> int:
-        with self._database("read"):
+        def read() -> int:
             self.ensure_schema()
             with self.engine.connect() as conn:
                 return int(
                     conn.execute(sa.select(sa.func.count()).select_from(self.predictions)).scalar_one()
                 )
+
+        return self._call("read", read, self.read_timeout)
+
+    def status(self) -> dict[str, Any]:
+        """What waits or was set aside: quarantined rows (table and file), spooled rows waiting to be
+        replayed and the spool's size; ``quarantined`` is None when the database cannot be read."""
+
+        def read() -> int:
+            self.ensure_schema()
+            with self.engine.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(self.quarantine)).scalar_one())
+
+        try:
+            in_table: int | None = self._call("read", read, self.read_timeout)
+        except PredictionLogError:
+            in_table = None
+        in_file = self.quarantine_file.count()
+        return {
+            "quarantined": None if in_table is None else in_table + in_file,
+            "quarantined_in_file": in_file,
+            "spooled_waiting": self.spool.waiting_rows(),
+            "spool_bytes": self.spool.size_bytes(),
+            "spool_dir": str(self.spool.folder),
+        }
 
     def drop_tables(self) -> None:
         """Remove this log's tables (used by tests that share a database)."""
@@ -766,6 +1021,38 @@ class PredictionLog:
         registry.register(_PredictionLogCollector(self))
         for companion in self._companions:
             companion.register_metrics(registry)
+
+
+def _refused(exc: BaseException) -> bool:
+    """True when the database refused the rows themselves (a bad value), not when it is unreachable,
+    hung or timed out: only then may rows be set aside."""
+    if isinstance(exc, DatabaseHung):
+        return False
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return False
+        return isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError)
+    # Raised by a driver while adapting a value (e.g. an integer too large for SQLite).
+    return isinstance(exc, ValueError | TypeError | OverflowError)
+
+
+def _reason(exc: BaseException) -> str:
+    """A generic reason for logs and clients: no URL, host, user or driver text."""
+    if isinstance(exc, DatabaseHung):
+        return f"database did not answer ({exc})"
+    if _refused(exc):
+        return "a value was refused by the database"
+    return f"database unreachable ({type(getattr(exc, 'orig', None) or exc).__name__})"
+
+
+def _default_spool_dir(url: str, prefix: str, home: Path | None = None) -> Path:
+    """``<home>/predlog-spool/<key>``: one folder per database and table prefix, so a spool is only
+    ever replayed into the log it came from."""
+    if home is None:
+        home = Settings().home
+    target = sa.engine.make_url(url).set(password=None).render_as_string(hide_password=False)
+    key = hashlib.sha256(f"{target}|{prefix}".encode()).hexdigest()[:16]
+    return home / "predlog-spool" / key
 
 
 def _typed_window(frame: pd.DataFrame) -> pd.DataFrame:
@@ -793,12 +1080,13 @@ def _insert_ignoring_duplicates(engine: Engine, table: sa.Table) -> Any:
     return sa.insert(table)
 
 
-def _create_engine(url: str) -> Engine:
+def _create_engine(url: str, *, connect_timeout: float, statement_timeout: float) -> Engine:
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        # SQLite's busy timeout: how long a write waits for another writer's lock.
+        engine = sa.create_engine(url, connect_args={"timeout": statement_timeout})
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -810,9 +1098,21 @@ def _create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    # Short connect timeout: a down database must fail a write attempt quickly, not hang the writer.
-    connect_args = {"connect_timeout": 3} if parsed.get_backend_name() == "postgresql" else {}
-    return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        # A down database fails a connect quickly; a slow statement is cancelled by the server; a
+        # peer that vanished without closing the connection is noticed by TCP keepalives.
+        connect_args = {
+            "connect_timeout": max(1, round(connect_timeout)),
+            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
+    return sa.create_engine(
+        url, pool_pre_ping=True, pool_timeout=max(connect_timeout, 1.0), connect_args=connect_args
+    )
 
 
 class _PredictionLogCollector:
@@ -839,5 +1139,43 @@ class _PredictionLogCollector:
             value=log.write_failures,
         )
         yield GaugeMetricFamily(
-            "custseg_prediction_log_backlog", "Rows accepted but not yet written.", value=log.backlog
+            "custseg_prediction_log_backlog",
+            "Rows accepted but not yet stored or spooled.",
+            value=log.backlog,
+        )
+        yield CounterMetricFamily(
+            "custseg_prediction_log_rows_duplicate",
+            "Rows not stored because their key was already stored (e.g. a spool replayed twice).",
+            value=log.duplicates,
+        )
+        yield CounterMetricFamily(
+            "custseg_prediction_log_rows_quarantined",
+            "Rows the database refused, set aside in the quarantine table or file.",
+            value=log.quarantined,
+        )
+        spool = log.spool
+        yield CounterMetricFamily(
+            "custseg_prediction_log_rows_spooled",
+            "Rows written to the local spool while the database was unavailable.",
+            value=spool.spooled,
+        )
+        yield CounterMetricFamily(
+            "custseg_prediction_log_rows_replayed",
+            "Spooled rows replayed into the database.",
+            value=spool.replayed,
+        )
+        yield CounterMetricFamily(
+            "custseg_prediction_log_rows_spool_dropped",
+            "Rows dropped because the local spool was full.",
+            value=spool.dropped,
+        )
+        yield GaugeMetricFamily(
+            "custseg_prediction_log_spool_bytes",
+            "Bytes in the local spool waiting for replay.",
+            value=spool.size_bytes(),
+        )
+        yield GaugeMetricFamily(
+            "custseg_prediction_log_database_up",
+            "1 when the last write reached the database, 0 while rows are being spooled.",
+            value=float(log.database_up),
         )

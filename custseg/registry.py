@@ -2,6 +2,10 @@
 
 Without ``MLFLOW_TRACKING_URI`` everything lives under ``CUSTSEG_HOME``: a SQLite tracking and registry
 store (``mlflow.db``) and local artifacts (``mlartifacts/``). With it, everything goes to that server.
+
+Every registered version carries the SHA-256 of its bundle files (`custseg.verification`); every download
+is checked against them before anything in it is parsed. A registry that cannot be reached raises
+`RegistryUnavailableError`, never "no model"; URIs in messages are redacted (`custseg.redact`).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -27,10 +32,20 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 import custseg
 from custseg import schema
-from custseg.errors import ModelNotFoundError
+from custseg.errors import BundleVerificationError, ModelNotFoundError, RegistryUnavailableError
 from custseg.predict import Scorer, typed_frame, write_bundle
+from custseg.redact import redact_text, redact_uri
 from custseg.settings import Settings
 from custseg.train import Candidate, Evaluation, TrainingResult, evaluate
+from custseg.verification import (
+    DIGESTS_TAG,
+    MODEL_CONFIG_KEY,
+    bundle_digests,
+    decode_digests,
+    encode_digests,
+    unverified_message,
+    verify_bundle,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +53,10 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 GATE_METRIC = "macro_f1"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+"""MLflow retries an unreachable server 7 times with a growing wait (minutes in all) by default; custseg
+reports "registry unreachable" after a few seconds instead, unless the operator set these variables."""
+_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,8 @@ def connect(settings: Settings) -> MlflowClient:
         settings.artifact_root.mkdir(parents=True, exist_ok=True)
     # MLflow also exports these URIs as environment variables, which would leak into later Settings()
     # and into child processes (a test's or the user's); keep the process environment as it was.
+    for key, default in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, default)
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -158,6 +179,7 @@ def register_training(
             check_frame=result.test_frame.head(25),
             parity_frames={"test_split": result.test_frame, "generated": parity_frame},
         )
+        digests = encode_digests(bundle_digests(bundle_dir))
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{result.selected}") as run:
             _log_run_contents(result, settings, data_source, full_frame, bundle_meta, reference, Path(tmp))
             model_info = mlflow.pyfunc.log_model(
@@ -168,9 +190,13 @@ def register_training(
                 input_example=typed_frame([schema.EXAMPLE_RECORD]),
                 registered_model_name=settings.model_name,
                 metadata={"custseg_selected": result.selected, "onnx": bundle_meta["onnx"]},
+                # for the loaders that see only the model's files (pyfunc, Azure ML entry script)
+                model_config={MODEL_CONFIG_KEY: digests},
             )
             run_id = run.info.run_id
     version = str(model_info.registered_model_version)
+    # Before any alias points at the version: nobody may load it before its checksums are recorded.
+    client.set_model_version_tag(settings.model_name, version, DIGESTS_TAG, digests)
     client.set_model_version_tag(settings.model_name, version, "custseg.selected", result.selected)
     decision = apply_quality_gate(client, settings, version, result)
     model = get_version(client, settings.model_name, version)
@@ -364,7 +390,9 @@ def promote(settings: Settings, version: str) -> tuple[ModelRef, str | None]:
 def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise _unavailable(exc, client.tracking_uri) from None
         return None
 
 
@@ -372,6 +400,8 @@ def get_version(client: MlflowClient, name: str, version: str) -> ModelRef:
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise _unavailable(exc, client.tracking_uri) from None
         raise ModelNotFoundError(
             f"Model '{name}' has no version {version}. `custseg models` lists the versions there are."
         ) from exc
@@ -382,7 +412,9 @@ def list_versions(settings: Settings) -> list[ModelRef]:
     client = connect(settings)
     try:
         versions = client.search_model_versions(f"name='{settings.model_name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise _unavailable(exc, settings.effective_tracking_uri) from None
         return []
     # search results carry no aliases on every store; the registered model's alias map does
     refs = [_to_ref(client, client.get_model_version(mv.name, str(mv.version))) for mv in versions]
@@ -407,26 +439,53 @@ def resolve(settings: Settings, model_uri: str | None = None) -> ModelRef:
             name, version = spec.split("/", 1)
             mv = client.get_model_version(name, version)
     except (MlflowException, ValueError) as exc:
+        if isinstance(exc, MlflowException) and not _is_not_found(exc):
+            raise _unavailable(exc, settings.effective_tracking_uri) from None
         raise ModelNotFoundError(
-            f"No model at {uri} in the registry at {settings.effective_tracking_uri}. "
+            f"No model at {uri} in the registry at {redact_uri(settings.effective_tracking_uri)}. "
             "Train one with `custseg train --data PATH`, or list versions with `custseg models`."
-        ) from exc
+        ) from None
     return _to_ref(client, mv)
 
 
 def load_scorer(settings: Settings, model_uri: str | None = None) -> tuple[Scorer, ModelRef]:
-    """Resolve a model URI, download its bundle and load it (ONNX Runtime, sklearn fallback)."""
+    """Resolve a model URI, download and verify its bundle and load it (ONNX Runtime)."""
     ref = resolve(settings, model_uri)
     with tempfile.TemporaryDirectory(prefix="custseg-model-") as tmp:
-        scorer = Scorer.from_bundle(download_bundle(ref, Path(tmp)))
+        folder = download_bundle(ref, Path(tmp), allow_unverified=settings.allow_unverified_bundles)
+        scorer = Scorer.from_bundle(folder, allow_pipeline=settings.allow_pipeline_fallback)
     return scorer, ref
 
 
-def download_bundle(ref: ModelRef, dst: Path) -> Path:
-    """Download a version's bundle folder (model.onnx, pipeline.skops, ...) into ``dst``."""
-    return Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{ref.uri}/artifacts/bundle", dst_path=str(dst))
-    )
+def recorded_digests(ref: ModelRef, *, allow_unverified: bool = False) -> dict[str, str] | None:
+    """The bundle checksums the registry recorded for ``ref``; None only for an allowed legacy version."""
+    recorded = ref.tags.get(DIGESTS_TAG)
+    if recorded is None:
+        if not allow_unverified:
+            raise BundleVerificationError(unverified_message(ref.name, ref.version))
+        logger.warning("loading unverified %s (CUSTSEG_ALLOW_UNVERIFIED_BUNDLES is set)", ref.uri)
+        return None
+    try:
+        return decode_digests(recorded, f"tag {DIGESTS_TAG} of {ref.uri}")
+    except ValueError as exc:
+        raise BundleVerificationError(f"tag {DIGESTS_TAG} of {ref.uri} is not valid JSON") from exc
+
+
+def download_bundle(ref: ModelRef, dst: Path, *, allow_unverified: bool = False) -> Path:
+    """Download a version's bundle folder (model.onnx, pipeline.skops, ...) into ``dst`` and verify every
+    file against the checksums the registry recorded; raises BundleVerificationError on any difference."""
+    expected = recorded_digests(ref, allow_unverified=allow_unverified)
+    try:
+        folder = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{ref.uri}/artifacts/bundle", dst_path=str(dst))
+        )
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            raise ModelNotFoundError(f"{ref.uri} has no bundle in the registry's artifact store") from None
+        raise _unavailable(exc, mlflow.get_registry_uri()) from None
+    if expected is not None:
+        verify_bundle(folder, expected, f"the registry (tag {DIGESTS_TAG} of {ref.uri})")
+    return folder
 
 
 def download_reference(settings: Settings, ref: ModelRef, dst: str | Path) -> Path:
@@ -444,7 +503,9 @@ def _to_ref(client: MlflowClient, mv: ModelVersion) -> ModelRef:
     if mv.run_id:
         try:
             metrics = dict(client.get_run(mv.run_id).data.metrics)
-        except MlflowException:
+        except MlflowException as exc:
+            if not _is_not_found(exc):
+                raise _unavailable(exc, client.tracking_uri) from None
             metrics = {}
     created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC).isoformat(timespec="seconds")
     return ModelRef(
@@ -456,6 +517,31 @@ def _to_ref(client: MlflowClient, mv: ModelVersion) -> ModelRef:
         metrics=metrics,
         tags=dict(mv.tags or {}),
     )
+
+
+def _is_not_found(exc: MlflowException) -> bool:
+    return str(getattr(exc, "error_code", "")) in _NOT_FOUND_CODES
+
+
+def _unavailable(exc: BaseException, uri: str) -> RegistryUnavailableError:
+    """A registry failure that is not "no such model": unreachable server, broken store, refused request."""
+    reason = _short_reason(redact_text(str(exc)))
+    return RegistryUnavailableError(
+        f"the model registry at {redact_uri(uri)} is unreachable or failing ({reason}). Check that the "
+        "MLflow tracking server is running and MLFLOW_TRACKING_URI points at it; a server already "
+        "serving keeps its current model meanwhile."
+    )
+
+
+def _short_reason(text: str) -> str:
+    """The operating system's words for a connection failure, else the first line of ``text``."""
+    errno = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text)
+    if errno:
+        return errno.group(1).strip()
+    if "timed out" in text.lower():
+        return "timed out"
+    first = text.splitlines()[0] if text else "no answer"
+    return first[:200]
 
 
 def _now() -> str:

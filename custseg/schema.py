@@ -12,6 +12,12 @@ LABELS: tuple[str, ...] = ("high_value", "low_value", "medium_value")
 
 GENDERS: tuple[str, ...] = ("Female", "Male")
 
+NUMBER_CAP = 1e15
+"""Bound for the numeric domains the schema leaves open (every path: API, batch, Spark, training).
+
+It keeps values finite in the model's float32 inputs (``1e300`` would become ``inf``) and is far
+above any real customer figure."""
+
 Kind = Literal["int", "float", "category"]
 
 
@@ -31,13 +37,21 @@ class Feature:
     def is_numeric(self) -> bool:
         return self.kind != "category"
 
+    @property
+    def lower_bound(self) -> float:
+        """The smallest valid value: the schema's minimum, or ``-NUMBER_CAP`` when it sets none."""
+        return -NUMBER_CAP if self.minimum is None else self.minimum
+
+    @property
+    def upper_bound(self) -> float:
+        """The largest valid value: the schema's maximum, or ``NUMBER_CAP`` when it sets none."""
+        return NUMBER_CAP if self.maximum is None else self.maximum
+
     def domain_text(self) -> str:
         if self.categories is not None:
             return "one of " + ", ".join(self.categories) + " (case-insensitive)"
-        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
-        high = "inf" if self.maximum is None else f"{self.maximum:g}"
         kind = "integer" if self.kind == "int" else "number"
-        return f"{kind} in [{low}, {high}]"
+        return f"{kind} in [{self.lower_bound:g}, {self.upper_bound:g}]"
 
 
 FEATURES: tuple[Feature, ...] = (

@@ -12,7 +12,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     """Read from the environment when constructed, never at import time."""
 
-    model_config = SettingsConfigDict(env_prefix="CUSTSEG_", extra="ignore", populate_by_name=True)
+    # use_attribute_docstrings: the docstring under each field is its description, which the generated
+    # configuration page (tools/gen_docs.py) shows.
+    model_config = SettingsConfigDict(
+        env_prefix="CUSTSEG_", extra="ignore", populate_by_name=True, use_attribute_docstrings=True
+    )
 
     home: Path = Field(default=Path("~/.custseg"))
     """Folder for all local state: MLflow store, artifacts, prediction log."""
@@ -76,6 +80,28 @@ class Settings(BaseSettings):
     prediction_log_batch_rows: int = 500
     """Rows written per database round trip; a full batch is written without waiting."""
 
+    # -- prediction log: faults (timeouts, spool, bounded shutdown; issue 10) --------------------------
+
+    prediction_log_statement_timeout_seconds: float = 5.0
+    """Longest a prediction-log write may run (PostgreSQL ``statement_timeout``, SQLite busy timeout);
+    the writer stops waiting for an answer one connect timeout later and spools the rows."""
+
+    prediction_log_connect_timeout_seconds: float = 3.0
+    """Longest a connection attempt to the prediction log's database may take."""
+
+    prediction_log_retry_max_seconds: float = 5.0
+    """Longest pause between tries while the database is unavailable (the pause doubles up to it)."""
+
+    prediction_log_spool_max_bytes: int = 256 * 1024 * 1024
+    """Most bytes of predictions kept in the local spool (under ``home``) while the database is down;
+    beyond it new rows are dropped and counted."""
+
+    prediction_log_close_seconds: float = 20.0
+    """Longest the prediction log's shutdown waits for the database before spooling what is left."""
+
+    monitor_performance_rows: int = 10_000
+    """The API's realised-performance gauges use at most this many of the latest labelled predictions."""
+
     drift_p_value: float = 0.05
     """A feature's shift is statistically significant below this p-value."""
 
@@ -97,7 +123,48 @@ class Settings(BaseSettings):
     monitor_refresh_seconds: float = 30.0
     """How often the API recomputes its live drift and realised-performance gauges (0 disables)."""
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    # -- model bundles: verification and fallback (issue 10, verified bundles) -------------------
+
+    allow_pipeline_fallback: bool = False
+    """Serve a model with its scikit-learn pipeline (``pipeline.skops``) when it has no usable ONNX graph
+    or compiled forest. Off: such a model is refused, whatever its ``bundle.json`` says."""
+
+    allow_unverified_bundles: bool = False
+    """Load model versions registered before custseg recorded bundle checksums (no
+    ``custseg.bundle_sha256`` tag). Off: they are refused; register a new version instead."""
+
+    # -- serving: key scopes, trusted hosts, workers, feedback (issue 10, HTTP side) --------------
+
+    scoring_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """API keys allowed to score only (``/predict``, ``/score``, ``/model``), comma-separated."""
+
+    feedback_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """API keys allowed to record true segments only (``/feedback``, ``/model``), comma-separated."""
+
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """API keys for operators (``/metrics``, ``/model`` and admin actions), comma-separated."""
+
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Host header values the API answers besides loopback names and the bind address (``*``: any)."""
+
+    workers: int | None = Field(default=None, ge=1)
+    """Worker processes of ``custseg serve``; the number of usable CPU cores when unset."""
+
+    feedback_threads: int = Field(default=2, ge=1)
+    """Threads that write feedback to the prediction log (apart from the threads that score)."""
+
+    feedback_timeout_seconds: float = Field(default=5.0, gt=0)
+    """Longest wait for the prediction log to store feedback before the API answers 503."""
+
+    @field_validator(
+        "api_keys",
+        "cors_origins",
+        "scoring_keys",
+        "feedback_keys",
+        "admin_keys",
+        "trusted_hosts",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

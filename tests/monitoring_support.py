@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -146,3 +149,82 @@ class TcpProxy:
             for s in (source, sink):
                 with suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+class PgCluster:
+    """A throwaway PostgreSQL cluster on a free loopback port (``initdb`` + ``pg_ctl`` as the
+    ``postgres`` user in a temporary folder) that a test may stop, kill and pause at will."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="custseg-pg-", dir="/tmp"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._initialised = False
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args], capture_output=True, timeout=60, check=check
+        )
+
+    def start(self) -> None:
+        if not self._initialised:
+            self._run(str(self.BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+            self._initialised = True
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            str(self.BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
+
+    def stop(self) -> None:
+        self._run(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
+
+    def pids(self) -> list[int]:
+        """The postmaster and its children."""
+        try:
+            main = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == main:
+                    children.append(int(stat.parent.name))
+        return [main, *children]
+
+    def _signal(self, sig: int) -> None:
+        for pid in self.pids():
+            with suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its children (a crash; ``start`` recovers)."""
+        self._signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in self.pids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing answers (a hung database)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        self.resume()
+        self._run(
+            str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False
+        )
+        shutil.rmtree(self.dir, ignore_errors=True)

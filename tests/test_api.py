@@ -36,6 +36,7 @@ PROTOTYPE = {
 }
 """The prototype's request body (DESIGN.md); it was answered with medium_value."""
 
+JSON_HEADERS = {"content-type": "application/json"}
 MAX_ROWS = 40
 MAX_BODY = 32_000
 LEAKS = ("Traceback", 'File "', ".py", "site-packages", "/work/", "pydantic", "Exception", "orjson")
@@ -47,6 +48,7 @@ def _settings(home: Path, **overrides: Any) -> Settings:
         "model_poll_seconds": 0,
         "max_batch_rows": MAX_ROWS,
         "max_body_bytes": MAX_BODY,
+        "trusted_hosts": "testserver",  # the Host header of Starlette's TestClient
     }
     return Settings(**(values | overrides))
 
@@ -68,9 +70,13 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert set(body) == {"error", "message", "request_id", "errors"}
+    assert set(body) - {"client_request_id"} == {"error", "message", "request_id", "errors"}
     assert body["error"] == code
-    assert body["request_id"] and body["request_id"] == response.headers["x-request-id"]
+    # the header echoes the client's id when it sent one, else the server's
+    assert (
+        body["request_id"]
+        and body.get("client_request_id", body["request_id"]) == response.headers["x-request-id"]
+    )
     for leak in LEAKS:
         assert leak not in response.text, f"{leak!r} leaked into {response.text}"
     return body
@@ -202,7 +208,7 @@ def test_bad_input_is_422_with_field_row_and_reason(
     ids=["text", "truncated", "single quotes", "not UTF-8", "nested 5000 deep"],
 )
 def test_non_json_body_is_400(client: TestClient, body: bytes) -> None:
-    body_json = assert_error(client.post("/score", content=body), 400, "bad_request")
+    body_json = assert_error(client.post("/score", content=body, headers=JSON_HEADERS), 400, "bad_request")
     assert body_json["message"] == "request body is not valid JSON"
 
 
@@ -212,9 +218,13 @@ def test_every_problem_is_reported_at_once(client: TestClient) -> None:
     assert {(e["field"], e["row"]) for e in errors} == {("age", 0), ("gender", 2), ("extra", 2)}
 
 
-def test_incoming_request_id_is_kept_and_unsafe_ones_replaced(client: TestClient) -> None:
+def test_incoming_request_id_is_kept_beside_the_servers_and_unsafe_ones_replaced(client: TestClient) -> None:
     kept = client.post("/predict", json=PROTOTYPE, headers={"x-request-id": "order-42.a:b"})
-    assert kept.headers["x-request-id"] == "order-42.a:b" == kept.json()["request_id"]
+    assert kept.headers["x-request-id"] == "order-42.a:b" == kept.json()["client_request_id"]
+    server_id = kept.json()["request_id"]  # the server always makes its own: the prediction log's key
+    assert len(server_id) == 32 and server_id != "order-42.a:b"
+    again = client.post("/predict", json=PROTOTYPE, headers={"x-request-id": "order-42.a:b"})
+    assert again.json()["request_id"] != server_id  # a reused client id never collides in the log
     replaced = client.post("/predict", json={}, headers={"x-request-id": "<script>"})
     assert replaced.headers["x-request-id"] != "<script>"
     assert replaced.json()["request_id"] == replaced.headers["x-request-id"]
@@ -257,7 +267,7 @@ def test_chunked_body_under_the_limit_is_scored(client: TestClient) -> None:
         for start in range(0, len(payload), 100):
             yield payload[start : start + 100]
 
-    response = client.post("/predict", content=chunks())
+    response = client.post("/predict", content=chunks(), headers=JSON_HEADERS)
     assert response.status_code == 200
     assert response.json()["prediction"] == ["medium_value"] * 3
 
@@ -357,6 +367,7 @@ def test_readiness_names_the_served_model(client: TestClient, trained_home: Trai
     assert response.json() == {
         "status": "ready",
         "model": {"name": "customer-segments", "version": trained_home.registration.model.version},
+        "registry": "reachable",
     }
 
 
@@ -494,4 +505,5 @@ def test_internal_failure_is_a_json_500_with_details_only_in_the_log(
     assert error["message"] == "internal error (see the log)"
     assert "AttributeError" not in response.text
     (record,) = [r for r in caplog.records if "bug-report-1" in r.getMessage()]
+    assert error["request_id"] in record.getMessage()  # the server's id finds the log line too
     assert record.exc_info is not None and record.exc_info[0] is AttributeError

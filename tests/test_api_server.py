@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from custseg.registry import connect
 from custseg.settings import Settings
+from custseg.verification import DIGESTS_TAG, bundle_digests, encode_digests
 
 from .conftest import TrainedHome
 from .servers import free_port, stop, wait_for_http
@@ -34,6 +35,7 @@ PROTOTYPE = (
     b'"avg_purchase_value": 467, "online_activity_score": 52, "loyalty_program": 0, '
     b'"days_since_last_purchase": 235, "num_site_visits": 61}'
 )
+JSON_HEADERS = {"content-type": "application/json"}
 POLL_SECONDS = "0.3"
 MODEL = "customer-segments"
 
@@ -112,7 +114,11 @@ class ServingHome:
     def register(self, source: Path | None = None) -> str:
         """Register a new version (of the same artifacts unless ``source``) and return its number."""
         client = connect(self.settings)
-        version = client.create_model_version(MODEL, source=str(source or self.bundle_source))
+        folder = source or self.bundle_source
+        version = client.create_model_version(MODEL, source=str(folder))
+        # what custseg's registration records: the checksums of the bundle's files (here: as they are)
+        digests = encode_digests(bundle_digests(folder / "artifacts" / "bundle"))
+        client.set_model_version_tag(MODEL, str(version.version), DIGESTS_TAG, digests)
         return str(version.version)
 
     def make_champion(self, version: str) -> None:
@@ -186,7 +192,7 @@ class Load:
         with httpx.Client(timeout=10) as client:
             while not self.stop.is_set():
                 try:
-                    response = client.post(f"{self.url}/predict", content=PROTOTYPE)
+                    response = client.post(f"{self.url}/predict", content=PROTOTYPE, headers=JSON_HEADERS)
                     version = response.json()["model"]["version"] if response.status_code == 200 else None
                     self.answers[i].append(Answer(time.monotonic(), response.status_code, version))
                 except Exception as exc:  # a failed request is a finding, recorded, never raised here
@@ -204,8 +210,9 @@ PINNED = ("--model", f"models:/{MODEL}/1")
 
 @pytest.fixture(scope="module")
 def started(serving_home: ServingHome, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server following the champion alias, shared by the swap tests."""
-    server = start_server(serving_home.home, tmp_path_factory.mktemp("shared-server"))
+    """One server following the champion alias, shared by the swap tests (one worker: each client
+    thread then sees the versions in order)."""
+    server = start_server(serving_home.home, tmp_path_factory.mktemp("shared-server"), "--workers", "1")
     yield server
     stop_server(server)
 
@@ -331,13 +338,13 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(serving_home: ServingHo
             sock.close()
             assert status == 200, body
             assert body["prediction"] == ["medium_value"] * 50
-            assert body["request_id"] == f"in-flight-{first}"
+            assert body["client_request_id"] == f"in-flight-{first}"
         assert server.process.wait(30) == 0
     finally:
         stop_server(server)
     log = server.log_text()
     assert "Shutting down" in log and "Finished server process" in log
-    access = {line["request_id"]: line for line in server.access_lines()}
+    access = {line["client_request_id"]: line for line in server.access_lines()}
     for first in (10, 500, len(batch) - 1):
         line = access[f"in-flight-{first}"]
         assert line["status"] == 200 and line["path"] == "/predict" and line["method"] == "POST"
@@ -350,7 +357,7 @@ def test_chunked_body_over_the_limit_is_refused_while_streaming(started: Server)
     # The limit is 1 MiB by default; a chunked body announces no length, so the server must count.
     sock = socket.create_connection(("127.0.0.1", started.port), timeout=30)
     sock.sendall(
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     chunk = b" " * 65536
@@ -365,7 +372,10 @@ def test_chunked_body_over_the_limit_is_refused_while_streaming(started: Server)
     sock.close()
     assert status == 413, body
     assert body["error"] == "too_large" and "1048576 bytes" in body["message"]
-    assert httpx.post(f"{started.url}/predict", content=PROTOTYPE, timeout=5).status_code == 200
+    assert (
+        httpx.post(f"{started.url}/predict", content=PROTOTYPE, headers=JSON_HEADERS, timeout=5).status_code
+        == 200
+    )
 
 
 @pytest.mark.timeout(60)
@@ -394,7 +404,9 @@ def test_insecure_public_bind_with_two_workers(serving_home: ServingHome, tmp_pa
         with httpx.Client(timeout=5) as client:
             for _ in range(40):
                 response = client.post(
-                    f"{server.url}/predict", content=PROTOTYPE, headers={"connection": "close"}
+                    f"{server.url}/predict",
+                    content=PROTOTYPE,
+                    headers={"connection": "close", **JSON_HEADERS},
                 )
                 assert response.status_code == 200
                 assert response.json()["prediction"] == ["medium_value"]
@@ -416,10 +428,57 @@ def test_client_leaving_mid_body_is_not_a_server_error(started: Server) -> None:
     sock.close()
 
     def logged() -> bool:
-        return any(line["request_id"] == "in-flight-20" for line in started.access_lines())
+        return any(line["client_request_id"] == "in-flight-20" for line in started.access_lines())
 
     wait_until(logged, 10, "the access line of the abandoned request")
-    (line,) = [line for line in started.access_lines() if line["request_id"] == "in-flight-20"]
+    (line,) = [line for line in started.access_lines() if line["client_request_id"] == "in-flight-20"]
     assert line["status"] == 499
     assert "Traceback" not in started.log_text()
-    assert httpx.post(f"{started.url}/predict", content=PROTOTYPE, timeout=5).status_code == 200
+    assert (
+        httpx.post(f"{started.url}/predict", content=PROTOTYPE, headers=JSON_HEADERS, timeout=5).status_code
+        == 200
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_metrics_add_up_across_workers(serving_home: ServingHome, tmp_path: Path) -> None:
+    """`custseg serve` with its default worker count (one per usable core): every scrape, whichever
+    worker answers it, counts every request that any worker served."""
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one usable core: the default is one worker")
+    server = start_server(serving_home.home, tmp_path, *PINNED)  # no --workers: the default
+    requests = 60
+    try:
+        loaded = ("custseg_model_loaded", ())
+        wait_until(lambda: server.metrics()[loaded] == 1, 60, "every worker to load the model (livemin)")
+        with httpx.Client(timeout=10) as client:
+            for _ in range(requests):  # a new connection each time: the kernel spreads them over workers
+                response = client.post(
+                    f"{server.url}/predict",
+                    content=PROTOTYPE,
+                    headers={"connection": "close", **JSON_HEADERS},
+                )
+                assert response.status_code == 200
+        metrics_folder = serving_home.home / "run" / f"prometheus-{server.process.pid}"
+        assert metrics_folder.is_dir() and any(metrics_folder.iterdir())
+        served = (
+            "custseg_http_requests_total",
+            (("method", "POST"), ("route", "/predict"), ("status", "200")),
+        )
+        predicted = ("custseg_predictions_total", (("label", "medium_value"),))
+        for _ in range(8):  # repeated scrapes land on different workers: all must agree
+            metrics = server.metrics()
+            assert metrics[served] == requests and metrics[predicted] == requests
+            assert metrics[("custseg_model_loaded", ())] == 1
+            assert metrics[("custseg_http_requests_in_flight", ())] == 1  # this scrape only
+        workers = {
+            line.split("[")[-1].rstrip("]")
+            for line in server.log_text().splitlines()
+            if "Started server process" in line
+        }
+        assert len(workers) == cores, server.log_text()
+    finally:
+        assert stop_server(server) == 0
+    assert not metrics_folder.exists()  # removed when the server stopped

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +19,9 @@ import pandas as pd
 import pytest
 
 from custseg.data import generate
-from custseg.errors import ModelLoadError, ModelNotFoundError
+from custseg.errors import BundleVerificationError, ModelLoadError, ModelNotFoundError
 from custseg.registry import connect
+from custseg.settings import Settings
 
 from .conftest import REPO, TrainedHome
 from .servers import PROTOTYPE_BODY, free_port, stop, wait_for_http
@@ -213,9 +215,7 @@ def test_init_without_model_dir_says_what_is_missing(monkeypatch: pytest.MonkeyP
 
 
 def test_deployment_files_agree_with_the_package() -> None:
-    """The Azure ML yaml files parse, point at each other and pin what pyproject.toml pins."""
-    import tomllib
-
+    """The Azure ML yaml files parse and point at each other (pins: tests/test_dependencies.py)."""
     import yaml
 
     folder = SCORE_SCRIPT.parent
@@ -226,10 +226,61 @@ def test_deployment_files_agree_with_the_package() -> None:
     assert deployment["code_configuration"]["scoring_script"] == SCORE_SCRIPT.name
     assert (folder / deployment["environment"]["conda_file"]).is_file()
     assert deployment["model"].startswith("azureml:customer-segments:")
+    assert isinstance(environment["dependencies"], list)
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    (pip,) = [d["pip"] for d in environment["dependencies"] if isinstance(d, dict)]
-    runtime = set(project["dependencies"])
-    azure = set(project["optional-dependencies"]["azure"])
-    assert set(pip) == runtime | azure, "environment.yml pins differ from pyproject.toml"
-    assert all("==" in pin for pin in pip)
+
+@pytest.mark.service
+@pytest.mark.timeout(150)
+def test_a_tampered_bundle_never_loads_in_the_entry_script(model_dir: Path, tmp_path: Path) -> None:
+    """A pipeline.skops calling builtins.exec with "onnx": false: init() refuses before parsing a file."""
+    from .test_bundle_verification import plant_exec
+
+    tampered = tmp_path / "model"
+    shutil.copytree(model_dir, tampered)
+    marker = tmp_path / "marker"
+    plant_exec(tampered / "artifacts" / "bundle", marker)
+
+    log = tmp_path / "server.log"
+    env = {
+        **os.environ,
+        "AZUREML_MODEL_DIR": str(tampered),
+        "CUSTSEG_ALLOW_PIPELINE_FALLBACK": "true",  # even so
+        "GUNICORN_CMD_ARGS": "--no-control-socket",
+    }
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(AZMLINFSRV), "--entry_script", str(SCORE_SCRIPT), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        answer: httpx.Response | None = None
+        while time.monotonic() < deadline and process.poll() is None and answer is None:
+            try:
+                answer = _post(f"http://127.0.0.1:{port}", PROTOTYPE_BODY)
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert answer is None or answer.status_code >= 500, answer.text  # never a prediction
+    finally:
+        stop(process)
+    assert "pipeline.skops: SHA-256 differs" in log.read_text(errors="replace")
+    assert not marker.exists()
+
+    score = _load_entry_script()  # the same refusal when init() is called directly
+    os.environ["AZUREML_MODEL_DIR"] = str(tampered)
+    try:
+        with pytest.raises(BundleVerificationError, match=r"bundle\.json: SHA-256 differs"):
+            score.init()
+    finally:
+        os.environ.pop("AZUREML_MODEL_DIR", None)
+    assert not marker.exists()
+
+
+def test_init_refuses_a_bundle_without_recorded_checksums(model_dir: Path, tmp_path: Path) -> None:
+    score = _load_entry_script()
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir / "artifacts" / "bundle", bare)  # no MLmodel beside it
+    with pytest.raises(BundleVerificationError, match="no bundle checksums"):
+        score.verify_against_mlmodel(bare, Settings())
+    score.verify_against_mlmodel(model_dir / "artifacts" / "bundle", Settings())

@@ -123,3 +123,22 @@ def test_pyfunc_accepts_a_frame_of_the_prototype_record(trained_home: TrainedHom
         model.predict(frame.astype({"total_spent": "float64"}).assign(total_spent=float("nan")))
     with pytest.raises(MlflowException, match=r"column 'total_spent'.*not a number"):
         model.predict(frame.astype({"total_spent": object}).assign(total_spent="lots"))
+
+
+def test_pyfunc_checks_the_bundle_against_its_mlmodel(trained_home: TrainedHome, tmp_path: Path) -> None:
+    """Loaded from a copied folder (no registry, no tags): the MLmodel's digests still refuse a change."""
+    from .test_bundle_verification import plant_exec
+
+    connect(trained_home.settings)
+    version = trained_home.registration.model.version
+    folder = Path(
+        mlflow.artifacts.download_artifacts(f"models:/customer-segments/{version}", dst_path=str(tmp_path))
+    )
+    assert list(
+        mlflow.pyfunc.load_model(str(folder)).predict(pd.DataFrame([json.loads(PROTOTYPE_BODY)]))
+    ) == ["medium_value"]
+    marker = tmp_path / "marker"
+    plant_exec(folder / "artifacts" / "bundle", marker)
+    with pytest.raises(Exception, match=r"pipeline\.skops: SHA-256 differs"):
+        mlflow.pyfunc.load_model(str(folder))
+    assert not marker.exists()

@@ -51,23 +51,24 @@ class Backend:
     name: str
     url: str
     prefix: str
+    spool: Path
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     prefix = f"t{uuid.uuid4().hex[:10]}_"
     if request.param == "sqlite":
-        yield Backend("sqlite", f"sqlite:///{tmp_path / 'predictions.db'}", prefix)
+        yield Backend("sqlite", f"sqlite:///{tmp_path / 'predictions.db'}", prefix, tmp_path / "spool")
         return
     _pg_reachable()
-    yield Backend("postgresql", PG_URL, prefix)
+    yield Backend("postgresql", PG_URL, prefix, tmp_path / "spool")
     cleanup = PredictionLog(PG_URL, table_prefix=prefix)
     cleanup.drop_tables()
     cleanup.close()
 
 
 def make_log(backend: Backend, **options: Any) -> PredictionLog:
-    return PredictionLog(backend.url, table_prefix=backend.prefix, **options)
+    return PredictionLog(backend.url, table_prefix=backend.prefix, spool_dir=backend.spool, **options)
 
 
 def entries(n: int, *, start: int = 0, ts: float | None = None, version: str = "1") -> list[dict[str, Any]]:
@@ -204,7 +205,7 @@ class Outage:
         if backend.name == "sqlite":
             self.blocker = tmp_path / "store"
             self.url = f"sqlite:///{self.blocker / 'predictions.db'}"
-            self.direct = Backend("sqlite", self.url, backend.prefix)
+            self.direct = Backend("sqlite", self.url, backend.prefix, backend.spool)
         else:
             self.proxy = TcpProxy(("127.0.0.1", 5432))
             self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.proxy.port}/test"
@@ -229,28 +230,34 @@ def test_database_down_api_keeps_answering_then_catches_up(
 ) -> None:
     outage = Outage(backend, tmp_path)
     outage.down()
-    log = PredictionLog(outage.url, table_prefix=backend.prefix, flush_seconds=0.05)
+    log = PredictionLog(outage.url, table_prefix=backend.prefix, flush_seconds=0.05, spool_dir=backend.spool)
     settings = Settings(home=trained_home.home, model_poll_seconds=0)
     with app_server(create_app(settings, prediction_log=log)) as url, httpx.Client(base_url=url) as client:
         for start in range(0, 60, 2):
             response = client.post("/predict", json=records(ROWS.iloc[start : start + 2]))
             assert response.status_code == 200, response.text
         deadline = time.monotonic() + 20
-        while log.write_failures < 2:
+        while log.write_failures < 1 or log.spool.spooled < 60:
             assert time.monotonic() < deadline, "the writer never tried the database"
             time.sleep(0.05)
         text = client.get("/metrics").text
-        assert metric_value(text, "custseg_prediction_log_write_failures_total") >= 2
-        assert metric_value(text, "custseg_prediction_log_backlog") == 60
-        assert log.written == 0 and log.last_error
+        assert metric_value(text, "custseg_prediction_log_write_failures_total") >= 1
+        # answered rows are not held in memory during the outage: they are on disk, in the spool
+        assert metric_value(text, "custseg_prediction_log_rows_spooled_total") == 60
+        assert metric_value(text, "custseg_prediction_log_backlog") == 0
+        assert metric_value(text, "custseg_prediction_log_database_up") == 0
+        assert log.written == 0 and log.last_error and log.spool.waiting_rows() == 60
         outage.up()
         deadline = time.monotonic() + 30
-        while log.backlog:
-            assert time.monotonic() < deadline, f"{log.backlog} rows still waiting: {log.last_error}"
+        while log.written < 60:
+            assert time.monotonic() < deadline, f"{log.written} rows written: {log.last_error}"
             time.sleep(0.05)
         text = client.get("/metrics").text
         assert metric_value(text, "custseg_prediction_log_rows_written_total") == 60
+        assert metric_value(text, "custseg_prediction_log_rows_replayed_total") == 60
         assert metric_value(text, "custseg_prediction_log_rows_dropped_total") == 0
+        assert metric_value(text, "custseg_prediction_log_database_up") == 1
+        assert log.spool.waiting_rows() == 0
     assert count(outage.direct) == 60
 
 
@@ -261,6 +268,7 @@ def test_retention_purges_old_rows(backend: Backend) -> None:
     keep_all.start()
     keep_all.submit(entries(5, start=0, ts=old_ts) + entries(5, start=5, ts=now))
     assert keep_all.flush(timeout=30)
+    # a client's ts is ignored: feedback carries server time, so it cannot dodge (or force) retention
     keep_all.record_feedback([{"request_id": "req-0", "customer_segment": "low_value", "ts": old_ts}])
     keep_all.submit(entries(1, start=10))
     assert keep_all.flush(timeout=30)
@@ -277,8 +285,8 @@ def test_retention_purges_old_rows(backend: Backend) -> None:
         time.sleep(0.05)
     assert log.window()["ts"].min() >= now - 1
     with log.engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(log.feedback)).scalar_one() == 0
-    assert log.purged == 6  # five predictions and one feedback row older than a day
+        assert conn.execute(sa.select(sa.func.count()).select_from(log.feedback)).scalar_one() == 1
+    assert log.purged == 5  # five predictions older than a day; the feedback row is from today
     log.close()
 
 
@@ -298,7 +306,7 @@ def test_feedback_unknown_ids_duplicates_and_bad_records(backend: Backend) -> No
             {"customer_id": "C3", "customer_segment": "low_value"},
         ]
     )
-    assert first.written == 2 and first.duplicates == []
+    assert first.written == 2 and first.duplicates == [] and first.corrected == 0
 
     again = log.record_feedback(
         [
@@ -466,7 +474,12 @@ def test_feedback_endpoint(trained_home: TrainedHome, tmp_path: Path) -> None:
             "/feedback", json={"request_id": rid, "row_index": 1, "customer_segment": "low_value"}
         )
         assert ok.status_code == 200
-        assert ok.json() == {"written": 1, "duplicates": [], "message": "recorded 1 true segment(s)"}
+        assert ok.json() == {
+            "written": 1,
+            "corrected": 0,
+            "duplicates": [],
+            "message": "recorded 1 true segment(s)",
+        }
         twice = client.post(
             "/feedback",
             json=[
@@ -488,7 +501,10 @@ def test_feedback_endpoint(trained_home: TrainedHome, tmp_path: Path) -> None:
         bad_segment = client.post("/feedback", json=[{"request_id": rid, "customer_segment": "gold"}])
         assert bad_segment.status_code == 422
         assert bad_segment.json()["errors"][0]["field"] == "customer_segment"
-        assert client.post("/feedback", content=b"{not json").status_code == 400
+        not_json = client.post(
+            "/feedback", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert not_json.status_code == 400
         assert "Traceback" not in invalid.text + unknown.text
     window = PredictionLog(f"sqlite:///{tmp_path / 'api.db'}").window()
     assert window["true_segment"].tolist() == ["high_value", "low_value"]
@@ -505,13 +521,218 @@ def test_unreachable_database_is_one_clear_error(trained_home: TrainedHome, tmp_
         log.count,
         lambda: log.record_feedback([{"request_id": "r", "customer_segment": "low_value"}]),
     ):
+        started = time.monotonic()
         with pytest.raises(PredictionLogError) as caught:
             call()
+        assert time.monotonic() - started < 3.0  # a bounded wait, never the old 10 s flush
         message = str(caught.value)
-        assert "prediction log at postgresql+psycopg://postgres:***@127.0.0.1" in message
-        assert "s3cret" not in message and "Connection refused" in message
+        assert "database unreachable" in message and "CUSTSEG_PREDICTION_LOG_URL" in message
+        for secret in ("s3cret", "postgres", "127.0.0.1", "psycopg", "refused", "port"):
+            assert secret not in message, (secret, message)
     log.close()
     env = _serve_env(trained_home, tmp_path / "home", CUSTSEG_PREDICTION_LOG_URL=url)
     result = CliRunner().invoke(cli_app, ["monitor", "--no-mlflow"], env=env)
     assert result.exit_code != 0 and isinstance(result.exception, PredictionLogError)
-    assert "***" in str(result.exception)
+    assert "s3cret" not in str(result.exception) and "127.0.0.1" not in str(result.exception)
+
+
+# -- refused rows, reused ids, spool, feedback history (issue 10) ------------------------------------
+
+
+def _poison(backend: Backend, start: int) -> list[dict[str, Any]]:
+    """Rows the database refuses: NUL in text and an over-long value on PostgreSQL; an integer beyond
+    64 bits on SQLite (which stores any text)."""
+    bad = entries(2, start=start)
+    if backend.name == "postgresql":
+        bad[0]["customer_id"] = "C\x00nul"
+        bad[1]["client_request_id"] = "x" * 129
+    else:
+        bad[0]["features"]["age"] = 2**70
+        bad[1]["features"]["num_purchases"] = 2**65
+    return bad
+
+
+def test_refused_rows_are_quarantined_and_never_block_the_rest(backend: Backend) -> None:
+    log = make_log(backend, flush_seconds=0.05, batch_rows=50)
+    log.start()
+    batch = entries(40) + _poison(backend, 40) + entries(40, start=42)
+    log.submit(batch)
+    assert log.flush(timeout=30)
+    log.submit(entries(10, start=100))  # rows behind the poison are written as usual
+    assert log.flush(timeout=30)
+    assert log.count() == 90 and log.written == 90 and log.quarantined == 2
+    text = scrape(log)
+    assert metric_value(text, "custseg_prediction_log_rows_quarantined_total") == 2
+    assert metric_value(text, "custseg_prediction_log_write_failures_total") == 0  # not "database down"
+    status = log.status()
+    assert status["quarantined"] == 2 and status["spooled_waiting"] == 0
+    with log.engine.connect() as conn:
+        kept = conn.execute(sa.select(log.quarantine.c.reason, log.quarantine.c.row_json)).fetchall()
+    assert {json.loads(row_json)["request_id"] for _, row_json in kept} == {"req-40", "req-41"}
+    assert all(reason.startswith("refused by the database") for reason, _ in kept)
+    log.close()
+
+
+def test_client_request_id_is_kept_beside_the_server_id(backend: Backend) -> None:
+    """Two different predictions sent with the same X-Request-ID are both stored; counters count rows
+    actually stored (a repeated key is counted as a duplicate, not as written)."""
+    log = make_log(backend, flush_seconds=0.05)
+    log.start()
+    frame = ROWS.iloc[:2]
+    recs = [type("R", (), r)() for r in records(frame)]
+    for server_id, rec in (("srv-1", recs[0]), ("srv-2", recs[1])):
+        log.submit_scored(
+            server_id, time.time(), "customer-segments", "1", [rec], ["low_value"], [[0.2, 0.5, 0.3]],
+            ["high_value", "low_value", "medium_value"], 1.0, client_request_id="client-same-id",
+        )  # fmt: skip
+    assert log.flush(timeout=30)
+    window = log.window()
+    assert window["request_id"].tolist() == ["srv-1", "srv-2"]
+    assert window["client_request_id"].tolist() == ["client-same-id", "client-same-id"]
+    log.submit(entries(3))
+    log.submit(entries(3))  # the same keys again: stored once
+    assert log.flush(timeout=30)
+    assert log.count() == 5 and log.written == 5 and log.duplicates == 3
+    assert metric_value(scrape(log), "custseg_prediction_log_rows_written_total") == 5
+    log.close()
+
+
+def test_close_with_database_down_spools_and_next_start_replays_once(
+    backend: Backend, tmp_path: Path
+) -> None:
+    outage = Outage(backend, tmp_path)
+    outage.down()
+    log = PredictionLog(
+        outage.url, table_prefix=backend.prefix, flush_seconds=60, batch_rows=10_000, spool_dir=backend.spool
+    )
+    log.start()
+    log.submit(entries(120))
+    started = time.monotonic()
+    log.close()  # the database is unreachable: the backlog goes to the spool, in bounded time
+    assert time.monotonic() - started < 15
+    assert log.spool.spooled == 120 and log.backlog == 0 and log.dropped == 0
+    # a copy of the spool, to replay the same rows twice later
+    saved = {p.name: p.read_bytes() for p in backend.spool.glob("seg-*.jsonl")}
+    outage.up()
+    again = PredictionLog(
+        outage.url, table_prefix=backend.prefix, flush_seconds=0.05, spool_dir=backend.spool
+    )
+    again.start()
+    deadline = time.monotonic() + 30
+    while again.spool.replayed < 120:
+        assert time.monotonic() < deadline, again.last_error
+        time.sleep(0.05)
+    assert again.count() == 120 and again.written == 120
+    for name, data in saved.items():  # replaying the same segment again adds nothing
+        (backend.spool / name).write_bytes(data)
+    again.spool.maybe_pending = True
+    deadline = time.monotonic() + 30
+    while again.spool.replayed < 240:
+        assert time.monotonic() < deadline, again.last_error
+        time.sleep(0.05)
+    assert again.count() == 120 and again.duplicates == 120
+    again.close()
+
+
+def test_feedback_history_latest_wins_and_server_time(backend: Backend) -> None:
+    log = make_log(backend, flush_seconds=0.05)
+    log.start()
+    log.submit(entries(3))
+    before = time.time()
+    first = log.record_feedback(
+        [{"request_id": "req-0", "customer_segment": "low_value", "ts": 1.0}], source="key:alice"
+    )
+    fix = log.record_feedback([{"request_id": "req-0", "customer_segment": "high_value"}], source="key:bob")
+    same = log.record_feedback([{"request_id": "req-0", "customer_segment": "high_value"}], source="cli")
+    by_customer = log.record_feedback([{"customer_id": "C1", "customer_segment": "medium_value"}])
+    recustomer = log.record_feedback([{"customer_id": "C1", "customer_segment": "low_value"}])
+    assert (first.written, first.corrected) == (1, 0)
+    assert (fix.written, fix.corrected) == (1, 1)
+    assert (same.written, same.duplicates) == (0, ["request:req-0:0"])
+    assert (by_customer.corrected, recustomer.corrected) == (0, 1)
+    history = log.feedback_history(request_id="req-0")
+    assert history["customer_segment"].tolist() == ["low_value", "high_value"]
+    assert history["source"].tolist() == ["key:alice", "key:bob"]
+    assert (history["ts"] >= before).all()  # the client's ts (1.0) is ignored
+    assert log.feedback_history(customer_id="C1")["customer_segment"].tolist() == [
+        "medium_value",
+        "low_value",
+    ]
+    truth = dict(zip(log.window()["request_id"], log.window()["true_segment"], strict=True))
+    assert truth["req-0"] == "high_value" and truth["req-1"] == "low_value"
+    labelled = log.window(labelled_only=True)
+    assert sorted(labelled["request_id"]) == ["req-0", "req-1"]
+    log.close()
+
+
+def test_existing_tables_are_upgraded(backend: Backend) -> None:
+    """A log created by the previous version: client_request_id is added, feedback copied to history."""
+    old = sa.MetaData()
+    prefix = backend.prefix
+    sa.Table(
+        f"{prefix}predictions", old,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("request_id", sa.String(64), nullable=False),
+        sa.Column("row_index", sa.Integer, nullable=False),
+        sa.Column("ts", sa.Double, nullable=False),
+        sa.Column("model_name", sa.String(128), nullable=False),
+        sa.Column("model_version", sa.String(32), nullable=False),
+        sa.Column("customer_id", sa.String(128)),
+        *[sa.Column(f.name, sa.Double if f.kind != "category" else sa.String(16)) for f in schema.FEATURES],
+        sa.Column("label", sa.String(32), nullable=False),
+        *[sa.Column(f"proba_{label}", sa.Double) for label in schema.LABELS],
+        sa.Column("latency_ms", sa.Double),
+        sa.UniqueConstraint("request_id", "row_index", name=f"{prefix}uq_old"),
+    )  # fmt: skip
+    feedback = sa.Table(
+        f"{prefix}feedback", old,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("feedback_key", sa.String(200), nullable=False, unique=True),
+        sa.Column("request_id", sa.String(64)),
+        sa.Column("row_index", sa.Integer),
+        sa.Column("customer_id", sa.String(128)),
+        sa.Column("customer_segment", sa.String(32), nullable=False),
+        sa.Column("ts", sa.Double, nullable=False),
+    )  # fmt: skip
+    log = make_log(backend, flush_seconds=0.05)
+    old.create_all(log.engine)
+    try:
+        with log.engine.begin() as conn:
+            conn.execute(
+                sa.insert(feedback).values(
+                    feedback_key="customer:C0", customer_id="C0", customer_segment="low_value", ts=time.time()
+                )
+            )
+        log.start()
+        log.submit(entries(2))
+        assert log.flush(timeout=30) and log.written == 2
+        assert log.window()["true_segment"].tolist()[0] == "low_value"
+        assert log.feedback_history(customer_id="C0")["source"].tolist() == ["migrated"]
+        log.close()
+    finally:
+        old.drop_all(log.engine)
+
+
+def test_live_monitor_reads_a_bounded_number_of_labelled_rows(backend: Backend, tmp_path: Path) -> None:
+    from custseg.monitor import LiveMonitor
+
+    log = make_log(backend, flush_seconds=0.05)
+    log.start()
+    log.submit(entries(30))
+    assert log.flush(timeout=30)
+    log.record_feedback([{"request_id": f"req-{i}", "customer_segment": "low_value"} for i in range(30)])
+    monitor = LiveMonitor(Settings(home=tmp_path, monitor_performance_rows=12), log, refresh_seconds=0)
+    queries: list[str] = []
+
+    @sa.event.listens_for(log.engine, "before_cursor_execute")
+    def _seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        queries.append(statement)
+
+    monitor.refresh()
+    assert monitor.performance["n_feedback"] == 12  # the latest 12, not all 30
+    assert any("LIMIT" in q.upper() for q in queries)
+    queries.clear()
+    monitor.refresh()  # nothing new: two cheap reads, no join
+    assert len(queries) == 2 and not any("JOIN" in q.upper() for q in queries)
+    assert log.window(limit=2, newest=True)["request_id"].tolist() == ["req-28", "req-29"]
+    log.close()

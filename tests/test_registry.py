@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,123 @@ def test_bad_input_leaves_the_registry_untouched(custseg_home: Path, tmp_path: P
     assert client.search_registered_models() == []
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     shutil.rmtree(custseg_home)
+
+
+# -- registry unreachable: its own error, and no credential ever printed ----------------------------
+
+
+def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = (root / "mlflow.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{root / 'store.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_for_http(f"http://127.0.0.1:{port}/health", process, root / "mlflow.log")
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _serve(home: Path, tracking_uri: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CUSTSEG_HOME": str(home),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "CUSTSEG_MONITOR_REFRESH_SECONDS": "0",
+        "CUSTSEG_PREDICTION_LOG_ENABLED": "false",
+    }
+    command = [
+        str(VENV_BIN / "custseg"),
+        "serve",
+        "--port",
+        str(port),
+        "--poll-seconds",
+        "0.5",
+        "--workers",
+        "1",
+    ]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health/live", process, log)
+    return process, url
+
+
+def test_an_unreachable_registry_is_not_no_model_and_hides_credentials(tmp_path: Path) -> None:
+    from custseg.errors import RegistryUnavailableError
+    from custseg.model_cache import load_batch_scorer
+
+    uri = f"http://svc:s3cret@127.0.0.1:{free_port()}"  # nobody listens there
+    settings = Settings(home=tmp_path / "home", tracking_uri=uri)
+    for call in (resolve, load_scorer, load_batch_scorer, list_versions):
+        with pytest.raises(RegistryUnavailableError) as caught:
+            call(settings)  # type: ignore[operator]
+        message = str(caught.value)
+        assert "unreachable" in message and "***@127.0.0.1" in message, message
+        assert "s3cret" not in message and "No model" not in message
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CUSTSEG_HOME": str(tmp_path / "home")}
+    source = tmp_path / "in.csv"
+    generate(10, seed=1).to_csv(source, index=False)
+    for args in (["models"], ["score", str(source), "--out", str(tmp_path / "out.csv")], ["ui"]):
+        done = subprocess.run([str(VENV_BIN / "custseg"), *args], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        output = done.stdout + done.stderr
+        assert "s3cret" not in output, output
+        if args[0] != "ui":
+            assert done.returncode == 2 and "unreachable" in done.stderr and "No model" not in output, output
+
+
+@pytest.mark.service
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_serve_keeps_its_model_when_the_registry_goes_away(tmp_path: Path) -> None:
+    """Registry killed under a running API (a hot swap it cannot do) and down when another one starts."""
+    import httpx
+
+    from .servers import PROTOTYPE_BODY
+
+    registry, url = _start_mlflow_server(tmp_path)
+    with_credentials = url.replace("http://", "http://svc:s3cret@")
+    try:
+        train_into(tmp_path / "train-home", generate(1000, seed=7), tracking_uri=with_credentials)
+        api, api_url = _serve(tmp_path / "home", with_credentials, tmp_path / "serve.log")
+        try:
+            wait_for_http(f"{api_url}/health/ready", api, tmp_path / "serve.log")
+            assert httpx.get(f"{api_url}/health/ready").json()["registry"] == "reachable"
+            stop(registry)
+
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{api_url}/health/ready").json().get("registry") != "unreachable":
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+            answer = httpx.post(f"{api_url}/predict", content=PROTOTYPE_BODY,
+                                headers={"content-type": "application/json"})  # fmt: skip
+            assert answer.status_code == 200 and answer.json()["prediction"] == ["medium_value"]
+            ready = httpx.get(f"{api_url}/health/ready")
+            assert ready.status_code == 200 and ready.json()["model"]["version"] == "1"
+
+            # a second server starting while the registry is down: live, not ready, and it says why
+            other, other_url = _serve(tmp_path / "home2", with_credentials, tmp_path / "serve2.log")
+            try:
+                deadline = time.monotonic() + 60
+                while (not_ready := httpx.get(f"{other_url}/health/ready")).json().get("error") is None:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.5)
+                assert not_ready.status_code == 503
+                assert not_ready.json()["error"] == "registry_unavailable", not_ready.text
+            finally:
+                stop(other)
+        finally:
+            stop(api)
+    finally:
+        stop(registry)
+    for log in ("serve.log", "serve2.log"):
+        text = (tmp_path / log).read_text(errors="replace")
+        assert "s3cret" not in text, text[-3000:]
+        assert "RegistryUnavailableError" in text and "***@127.0.0.1" in text, text[-3000:]

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from custseg.batch import score_file
-from custseg.batch_spark import ModelBundle, SparkJobError, load_bundle, score_spark
+from custseg.batch_spark import MARKER_FILE, ModelBundle, SparkJobError, load_bundle, score_spark
 from custseg.data import generate, write_generated
 from custseg.errors import DataError
 from custseg.predict import Scorer
@@ -127,10 +127,12 @@ def test_spark_scores_a_table_and_replaces_an_old_output(
     out = tmp_path / "scored.parquet"
     out.mkdir()
     (out / "stale.parquet").write_bytes(b"old run")
+    (out / MARKER_FILE).write_text("{}")  # an earlier custseg output: replaced (unmarked: refused)
 
     score_spark(spark, "custseg_test_customers", str(out), bundle)  # type: ignore[arg-type]
 
     assert not (out / "stale.parquet").exists()
+    assert (out / MARKER_FILE).is_file() and (tmp_path / "scored.rejects.parquet" / MARKER_FILE).is_file()
     remote = by_id(pd.read_parquet(out))
     expected = scorer.score_frame(frame.sort_values(ID_COLUMN))
     assert (remote["segment"].to_numpy() == expected.labels).all()
@@ -201,3 +203,87 @@ def test_cli_engine_spark_scores_reports_and_exits_3_on_rejects(
     assert f"rejects: {tmp_path / 'out.rejects.parquet'} (1 rows; exit code 3)" in out
     remote = by_id(pd.read_parquet(tmp_path / "out.parquet"))
     assert (remote["segment"].to_numpy() == scorer.score_frame(frame.sort_values(ID_COLUMN)).labels).all()
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_spark_never_replaces_or_deletes_its_input_or_an_unmarked_folder(
+    spark: object, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    """Issue 10, item 5: refused before any job runs, and nothing on disk changes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(50, seed=3).to_parquet(data / "c.parquet")
+    (tmp_path / "x.rejects.parquet").mkdir()
+    generate(50, seed=4).to_parquet(tmp_path / "x.rejects.parquet" / "part-0.parquet")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not custseg's")
+    (tmp_path / "link").symlink_to(data)
+    before = tree(tmp_path)
+    c, o = str(data / "c.parquet"), str(tmp_path / "o.parquet")
+    refused = [
+        # `custseg score x.rejects.parquet --out x.parquet`: the default rejects path is the input
+        (str(tmp_path / "x.rejects.parquet"), str(tmp_path / "x.parquet"), None, r"rejects .* is the input"),
+        # `--out /data` with input `/data/c.parquet`
+        (c, str(data), None, r"output .* contains the input"),
+        (c, str(tmp_path / "link"), None, r"output .* contains the input"),
+        (c, str(tmp_path / "link" / "c.parquet"), None, r"output .* is the input"),
+        (str(data), str(data / "scored.parquet"), None, r"output .* is inside the input"),
+        (c, o, str(data), r"rejects path .* contains the input"),
+        (c, str(tmp_path / "o"), str(tmp_path / "o" / "r"), "inside the output"),
+        (c, str(tmp_path / "mine"), None, "not written by custseg"),
+        (c, o, str(tmp_path / "mine"), "not written by custseg"),
+    ]
+    for source, out, rejects, message in refused:
+        with pytest.raises(DataError, match=message):
+            score_spark(spark, source, out, bundle, rejects=rejects)  # type: ignore[arg-type]
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.timeout(180)
+def test_cli_spark_refuses_to_overwrite_its_input_and_rejects_values_over_the_cap(
+    spark: object,
+    trained_home: TrainedHome,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from custseg.cli import main
+
+    monkeypatch.setenv("CUSTSEG_HOME", str(trained_home.home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.chdir(tmp_path)
+    header = ",".join([ID_COLUMN, *FEATURE_NAMES])
+    lines = ["OK,56,Male,65648,49624,17,467,52,0,235,61", "HUGE,56,Male,65648,1e300,17,467,52,0,235,61"]
+    lines += ["INF,56,Male,inf,49624,17,467,52,0,235,61", "F32,56,Male,65648,49624,17,3.5e38,52,0,235,61"]
+    (tmp_path / "x.rejects.csv").write_text("\n".join([header, *lines]) + "\n")
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["custseg", "score", *args, "--engine", "spark"])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        return int(exited.value.code or 0)
+
+    # The issue's reproduction, with the CSV input named like the default rejects path of --out.
+    (tmp_path / "x.rejects.parquet").mkdir()
+    pd.read_csv(tmp_path / "x.rejects.csv", dtype=str).to_parquet(
+        tmp_path / "x.rejects.parquet" / "p.parquet"
+    )
+    before = tree(tmp_path)
+    assert run("x.rejects.parquet", "--out", "x.parquet") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "rejects path" in err and "is the input" in err and "Traceback" not in err
+    assert tree(tmp_path) == before
+
+    assert run("x.rejects.csv", "--out", "scored.parquet") == 3
+    scored = pd.read_parquet(tmp_path / "scored.parquet")
+    rejects = pd.read_parquet(tmp_path / "scored.rejects.parquet").set_index(ID_COLUMN)["reason"]
+    assert scored[ID_COLUMN].tolist() == ["OK"]
+    assert rejects["HUGE"].startswith("total_spent: '1e300' is out of domain")
+    assert rejects["INF"].startswith("annual_income: 'inf' is out of domain")
+    assert rejects["F32"].startswith("avg_purchase_value: '3.5e38' is out of domain")
+    # A second run replaces what the first one wrote (both folders carry the marker).
+    assert run("x.rejects.csv", "--out", "scored.parquet") == 3

@@ -7,6 +7,9 @@ script read Flask's ``request`` inside ``run``, which cannot work there).
 - Model: ``AZUREML_MODEL_DIR`` is the folder of a registered model version as MLflow stores it (it holds
   ``artifacts/bundle/``), or a parent of it up to two levels (Azure ML mounts a registered folder as
   ``<AZUREML_MODEL_DIR>/<folder name>/``). Scoring goes through `custseg.predict.Scorer`, like the API.
+- Verification: before anything in the bundle is parsed, ``init()`` checks every bundle file against the
+  SHA-256 digests recorded at registration in the model's ``MLmodel`` (``model_config``); a difference,
+  a missing or an extra file refuses to start (see docs/design/bundle-verification.md).
 - Input: the prototype's single customer object, or a list of them; validated by the same code as the
   API (`custseg.api.parse_records`), so the rules and the error format are the API's.
 - Output: ``{"prediction": [labels], "probabilities": [...], "model": {...}, "request_id": ...}``; bad
@@ -25,9 +28,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from custseg.api import error_response, model_inputs, parse_records
-from custseg.errors import InputTooLargeError, ModelLoadError, ModelNotFoundError
+from custseg.errors import BundleVerificationError, InputTooLargeError, ModelLoadError, ModelNotFoundError
 from custseg.predict import BUNDLE_FILE, Scorer
 from custseg.settings import Settings
+from custseg.verification import MODEL_CONFIG_KEY, decode_digests, verify_bundle
 
 try:
     # The name Azure ML documents; azmlinfsrv registers it as an alias of its own module when it starts.
@@ -84,6 +88,28 @@ def model_summary(bundle: Path, settings: Settings) -> dict[str, str]:
     return {"name": name, "version": version}
 
 
+def verify_against_mlmodel(bundle: Path, settings: Settings) -> None:
+    """Check the bundle's files against the digests in the ``MLmodel`` beside ``artifacts/``."""
+    import yaml
+
+    mlmodel = bundle.parent.parent / "MLmodel"
+    recorded = None
+    if bundle.parent.name == "artifacts" and mlmodel.is_file():
+        data = yaml.safe_load(mlmodel.read_text()) or {}
+        config = (data.get("flavors", {}).get("python_function", {}) or {}).get("config") or {}
+        recorded = config.get(MODEL_CONFIG_KEY)
+    if recorded is not None:
+        verify_bundle(bundle, decode_digests(recorded, str(mlmodel)), str(mlmodel))
+    elif settings.allow_unverified_bundles:
+        logger.warning("loading %s unverified (CUSTSEG_ALLOW_UNVERIFIED_BUNDLES is set)", bundle)
+    else:
+        raise BundleVerificationError(
+            f"no bundle checksums in {mlmodel}: register the whole folder MLflow writes for a model "
+            "version trained by this custseg (older versions must be registered again with "
+            "`custseg train`), or set CUSTSEG_ALLOW_UNVERIFIED_BUNDLES=true to load it anyway"
+        )
+
+
 def init() -> None:
     """Load and check the model (called once per worker by the inference server)."""
     global _served
@@ -94,7 +120,8 @@ def init() -> None:
         )
     settings = Settings()
     bundle = find_bundle(Path(raw))
-    scorer = Scorer.from_bundle(bundle)
+    verify_against_mlmodel(bundle, settings)  # before a single bundle file is parsed
+    scorer = Scorer.from_bundle(bundle, allow_pipeline=settings.allow_pipeline_fallback)
     summary = {**model_summary(bundle, settings), "backend": scorer.backend}
     _served = Served(scorer=scorer, model=summary, settings=settings)
     logger.warning(
