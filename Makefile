@@ -19,8 +19,8 @@ export UV_LINK_MODE ?= copy
 
 # Create .venv in the repository root and install custseg with every extra the tests use, at the lock's
 # versions (from PyPI). Without uv the same install is: pip install -c requirements.lock -e ".[dev]".
-# The install compiles custseg/_forest.c (the batch forest kernel) with the machine's C compiler.
-$(STAMP): pyproject.toml setup.py custseg/_forest.c $(LOCK) | $(UV)
+# The install compiles custseg/scoring/_forest.c (the batch forest kernel) with the machine's C compiler.
+$(STAMP): pyproject.toml setup.py custseg/scoring/_forest.c $(LOCK) | $(UV)
 	$(UV) pip install --python $(BIN)/python --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
@@ -80,4 +80,4 @@ ui: setup
 	$(BIN)/custseg ui
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache custseg.egg-info build custseg/_forest*.so
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache custseg.egg-info build custseg/scoring/_forest*.so

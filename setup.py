@@ -1,6 +1,6 @@
 """Only the C extension lives here; everything else about the package is in pyproject.toml.
 
-``custseg._forest`` is optional: without a C compiler the package installs without it and batch
+``custseg.scoring._forest`` is optional: without a C compiler the package installs without it and batch
 scoring falls back to ONNX Runtime (slower, same answers), saying so in its log.
 """
 
@@ -9,10 +9,17 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "custseg._forest",
-            ["custseg/_forest.c"],
+            "custseg.scoring._forest",
+            ["custseg/scoring/_forest.c"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=True,
-        )
+        ),
+        # Exact Tree SHAP for explanations (custseg/scoring/explainer.py); optional like the forest kernel.
+        Extension(
+            "custseg.scoring._treeshap",
+            ["custseg/scoring/_treeshap.c"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=True,
+        ),
     ]
 )

@@ -54,7 +54,7 @@ NAIVE_MLFLOW = """
 import sys
 import mlflow
 import pandas as pd
-from custseg.registry import connect
+from custseg.registry.client import connect
 from custseg.settings import Settings
 source, out = sys.argv[1:3]
 connect(Settings())  # the embedded registry under CUSTSEG_HOME (a tracking server needs no call)
@@ -112,7 +112,7 @@ def prepare_home(home: Path | None, work: Path) -> Path:
 def download_bundle(home: Path, work: Path) -> tuple[Path, str]:
     os.environ["CUSTSEG_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from custseg.registry import download_bundle, resolve
+    from custseg.registry.client import download_bundle, resolve
     from custseg.settings import Settings
 
     ref = resolve(Settings())
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    from custseg.data import generate_file
+    from custseg.io.generated import generate_file
 
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-batch-") as tmp:
@@ -149,7 +149,7 @@ def main() -> None:
         bundle, version = download_bundle(home, work)
         env = {**os.environ, "CUSTSEG_HOME": str(home)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        from custseg.predict import Scorer
+        from custseg.scoring.scorer import Scorer
 
         backend = Scorer.from_bundle(bundle, compiled=True).backend
         print(

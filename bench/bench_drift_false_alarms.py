@@ -19,9 +19,9 @@ from dataclasses import replace
 from sklearn.ensemble import RandomForestClassifier
 
 from custseg import schema
-from custseg.data import Drift, generate
-from custseg.monitor import DriftThresholds, drift_report, reference_statistics
-from custseg.train import build_pipeline
+from custseg.core.drift import DriftThresholds, drift_report, reference_statistics
+from custseg.core.generator import Drift, generate
+from custseg.core.training import build_pipeline
 
 DRIFT = Drift(income_shift=0.3, male_share=0.8, loyalty_share=0.6)
 

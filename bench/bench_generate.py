@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from custseg.data import _chunk_rng, _generate_columns, write_generated
+from custseg.core.generator import _chunk_rng, _generate_columns
+from custseg.io.generated import write_generated
 
 
 def _naive_pandas_csv(path: Path, rows: int, seed: int, chunk_rows: int) -> int:

@@ -2,7 +2,7 @@
 
 Usage: ``.venv/bin/python bench/bench_inspect.py [--rows 1000000] [--repeats 3] [--dir /tmp]``
 
-Writes one CSV and one Parquet file with ``custseg.data.generate_file``, then times, each case in a fresh
+Writes one CSV and one Parquet file with ``custseg.io.generated.generate_file``, then times, each case in a fresh
 process (so peak memory is its own), the median of ``--repeats`` runs of:
 
 - ``profile_file``: what ``custseg inspect`` computes (streamed above 64 MB);
@@ -32,8 +32,8 @@ def _run_case(case: str, path: Path) -> None:
     """Child process: run one case once, print JSON with seconds and peak RSS."""
     import pandas as pd
 
-    from custseg.data import load_dataset
-    from custseg.explore import profile_file
+    from custseg.io.tables import load_dataset
+    from custseg.workflows.inspect import profile_file
 
     started = time.perf_counter()
     if case == "profile_file":
@@ -83,7 +83,7 @@ def main() -> None:
         _run_case(args.case, args.path)
         return
 
-    from custseg.data import generate_file
+    from custseg.io.generated import generate_file
 
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         for suffix in (".csv", ".parquet"):

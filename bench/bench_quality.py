@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from custseg import schema
-from custseg.data import generate
-from custseg.train import PROTOTYPE, build_pipeline, default_candidates, evaluate, train
+from custseg.core.generator import generate
+from custseg.core.training import PROTOTYPE, build_pipeline, default_candidates, evaluate, train
 
 
 def other_rule(frame: pd.DataFrame) -> np.ndarray:

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from sklearn.ensemble import RandomForestClassifier
 
-from custseg.data import generate
-from custseg.registry import Registration, train_and_register
+from custseg.core.generator import generate
+from custseg.core.training import Candidate
 from custseg.settings import Settings
-from custseg.train import Candidate
+from custseg.workflows.train import Registration, train_and_register
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "customers.csv"

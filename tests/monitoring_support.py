@@ -21,8 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from custseg import schema
-
-from .servers import free_port, stop, wait_for_http
+from tests.servers import free_port, stop, wait_for_http
 
 CUSTSEG = Path(sys.executable).with_name("custseg")
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

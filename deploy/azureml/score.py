@@ -6,12 +6,12 @@ script read Flask's ``request`` inside ``run``, which cannot work there).
 
 - Model: ``AZUREML_MODEL_DIR`` is the folder of a registered model version as MLflow stores it (it holds
   ``artifacts/bundle/``), or a parent of it up to two levels (Azure ML mounts a registered folder as
-  ``<AZUREML_MODEL_DIR>/<folder name>/``). Scoring goes through `custseg.predict.Scorer`, like the API.
+  ``<AZUREML_MODEL_DIR>/<folder name>/``). Scoring goes through `custseg.scoring.scorer.Scorer`, like the API.
 - Verification: before anything in the bundle is parsed, ``init()`` checks every bundle file against the
   SHA-256 digests recorded at registration in the model's ``MLmodel`` (``model_config``); a difference,
   a missing or an extra file refuses to start (see docs/design/bundle-verification.md).
 - Input: the prototype's single customer object, or a list of them; validated by the same code as the
-  API (`custseg.api.parse_records`), so the rules and the error format are the API's.
+  API (`custseg.serving.parsing.parse_records`), so the rules and the error format are the API's.
 - Output: ``{"prediction": [labels], "probabilities": [...], "model": {...}, "request_id": ...}``; bad
   input answers a 4xx JSON error ``{"error", "message", "request_id", "errors": [{field, row, reason}]}``
   and never a stack trace.
@@ -27,11 +27,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from custseg.api import error_response, model_inputs, parse_records
 from custseg.errors import BundleVerificationError, InputTooLargeError, ModelLoadError, ModelNotFoundError
-from custseg.predict import BUNDLE_FILE, Scorer
+from custseg.scoring.scorer import BUNDLE_FILE, Scorer
+from custseg.scoring.verification import MODEL_CONFIG_KEY, decode_digests, verify_bundle
+from custseg.serving.errors import error_response
+from custseg.serving.parsing import model_inputs, parse_records
 from custseg.settings import Settings
-from custseg.verification import MODEL_CONFIG_KEY, decode_digests, verify_bundle
 
 try:
     # The name Azure ML documents; azmlinfsrv registers it as an alias of its own module when it starts.

@@ -1,0 +1,171 @@
+"""The `custseg` command: thin adapters that parse options, call one core function and print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from custseg.cli.app import app, console
+from custseg.cli.scoring import _class_counts, _fmt
+from custseg.redact import redact_uri
+from custseg.registry.cache import refresh_champion
+from custseg.settings import Settings
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled customers (.csv or .parquet).")],
+) -> None:
+    """Validate DATA, select a model by cross-validated macro-F1, log it to MLflow and register it.
+
+    The new version becomes [bold]champion[/] only if it beats the current champion on the same
+    held-out rows; otherwise it becomes [bold]challenger[/].
+    """
+    from custseg.io.tables import load_dataset
+    from custseg.workflows.train import train_and_register
+
+    settings = Settings()
+    frame = load_dataset(data)
+    console.print(f"[bold]{escape(str(data))}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
+    with Progress(
+        TextColumn("cross-validating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("", total=None)
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        result, registration = train_and_register(
+            frame, settings, data_source=str(data), on_progress=on_progress
+        )
+
+    cv = Table(title=f"candidates ({result.cv_folds}-fold stratified CV on {len(result.train_frame)} rows)")
+    for column in ("rank", "candidate", "macro-F1", "± std", "balanced acc.", "accuracy"):
+        cv.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in result.cv_table.itertuples():
+        cv.add_row(
+            str(row.rank),
+            row.candidate,
+            f"{row.cv_macro_f1_mean:.4f}",
+            f"{row.cv_macro_f1_std:.4f}",
+            f"{row.cv_balanced_accuracy:.4f}",
+            f"{row.cv_accuracy:.4f}",
+        )
+    console.print(cv)
+
+    held = Table(title=f"held-out evaluation ({len(result.test_frame)} rows, stratified 20%)")
+    held.add_column("metric")
+    held.add_column(result.selected, justify="right")
+    held.add_column("prototype recipe", justify="right")
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        *[f"recall_{label}" for label in result.holdout.labels],
+        *[f"f1_{label}" for label in result.holdout.labels],
+    ):
+        held.add_row(key, f"{result.holdout.metrics[key]:.4f}", f"{result.prototype.metrics[key]:.4f}")
+    console.print(held)
+    console.print(result.holdout.report)
+
+    decision = registration.decision
+    onnx = (
+        "ONNX Runtime"
+        if registration.bundle_meta["onnx"]
+        else "[red]scikit-learn (ONNX export or parity failed)[/]"
+    )
+    console.print(f"logged run {registration.run_id} (experiment {registration.experiment_id})")
+    batch = "; batches by the compiled forest" if registration.bundle_meta.get("forest") else ""
+    console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}{batch}")
+    colour = "green" if decision.alias == "champion" else "yellow"
+    console.print(f"[{colour}]alias {decision.alias}[/]: {escape(decision.reason)}")
+    refresh_champion(settings)
+
+
+@app.command()
+def models() -> None:
+    """List registered versions with their aliases and held-out metrics."""
+    from custseg.registry.client import list_versions
+
+    settings = Settings()
+    versions = list_versions(settings)
+    if not versions:
+        console.print(f"no versions of {settings.model_name} yet: run `custseg train --data PATH`")
+        return
+    table = Table(title=f"{settings.model_name} @ {redact_uri(settings.effective_tracking_uri)}")
+    for column in ("version", "aliases", "created", "model", "macro-F1", "bal. acc.", "recall low"):
+        # identifiers and figures never wrap, even in a narrow or piped terminal
+        table.add_column(column, no_wrap=column != "created", overflow="fold")
+    for ref in versions:
+        m = ref.metrics
+        table.add_row(
+            ref.version,
+            ", ".join(ref.aliases) or "-",
+            ref.created_at.replace("T", " ")[:16],
+            ref.tags.get("custseg.selected", "-"),
+            _fmt(m.get("holdout_macro_f1")),
+            _fmt(m.get("holdout_balanced_accuracy")),
+            _fmt(m.get("holdout_recall_low_value")),
+        )
+    console.print(table)
+    for ref in versions:
+        if reason := ref.tags.get("custseg.gate_reason"):
+            console.print(f"v{ref.version} gate: {escape(reason)}", soft_wrap=True)
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="Model version to make champion.")]) -> None:
+    """Move the champion alias to VERSION deliberately (a running API picks it up on its next poll)."""
+    from custseg.registry.gate import promote as promote_version
+
+    settings = Settings()
+    ref, previous = promote_version(settings, version)
+    refresh_champion(settings)
+    before = f"from version {previous}" if previous else "(there was none)"
+    console.print(f"champion of {settings.model_name} is now version {ref.version} {before}")
+
+
+@app.command()
+def retrain(
+    data: Annotated[Path, typer.Option("--data", "-d", help="New labelled customers (.csv or .parquet).")],
+) -> None:
+    """Train a challenger on DATA, score it and the champion on the same held-out rows, and promote the
+    challenger only if its macro-F1 is higher. Decision and both scores are recorded in MLflow."""
+    from custseg.io.tables import load_dataset
+    from custseg.workflows.retrain import retrain as retrain_model
+
+    settings = Settings()
+    frame = load_dataset(data)
+    console.print(f"[bold]{escape(str(data))}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
+    with console.status("training the challenger (cross-validated model selection)"):
+        outcome = retrain_model(frame, settings, data_source=str(data))
+    reg = outcome.registration
+    rows = len(outcome.result.test_frame)
+    table = Table(title=f"champion vs challenger on the same {rows} held-out rows of {data.name}")
+    table.add_column("model")
+    table.add_column("version", justify="right")
+    table.add_column("macro-F1", justify="right")
+    if outcome.champion_version is not None:
+        table.add_row("champion", outcome.champion_version, _fmt(outcome.champion_score))
+    table.add_row(
+        f"challenger ({outcome.result.selected})", reg.model.version, _fmt(outcome.challenger_score)
+    )
+    console.print(table)
+    colour = "green" if outcome.promoted else "yellow"
+    verdict = "promoted to champion" if outcome.promoted else "kept as challenger"
+    console.print(f"[{colour}]version {reg.model.version} {verdict}[/]: {escape(reg.decision.reason)}")
+    console.print(
+        f"recorded in MLflow run {reg.run_id}; a running API picks a new champion up on its next poll"
+    )
+    refresh_champion(settings)

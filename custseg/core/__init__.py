@@ -1,0 +1,1 @@
+"""Pure functions: validation, generation, training maths, drift statistics, explanation maths."""

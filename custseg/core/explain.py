@@ -1,0 +1,135 @@
+"""Explanation maths: reason codes, top-K reasons, their sentences, and global importance.
+
+Pure functions over arrays of contributions ``(rows, features)`` or ``(rows, classes, features)`` whose
+features follow `custseg.schema.FEATURE_NAMES` (what `scoring.explainer` produces). A reason code names a
+feature and a direction: ``R04+`` = total_spent raised the probability of the segment, ``R04-`` = it
+lowered it. The numbers are fixed here, in the schema's order, and never come from a model: a code keeps
+its meaning across models and versions (a new feature gets the next free number).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from custseg import schema
+
+REASON_NUMBERS: dict[str, int] = {
+    "age": 1,
+    "gender": 2,
+    "annual_income": 3,
+    "total_spent": 4,
+    "num_purchases": 5,
+    "avg_purchase_value": 6,
+    "online_activity_score": 7,
+    "loyalty_program": 8,
+    "days_since_last_purchase": 9,
+    "num_site_visits": 10,
+}
+"""The reason number of each feature. Append only: a number, once published, keeps its feature."""
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One feature's part in one customer's segment."""
+
+    code: str
+    feature: str
+    value: float | int | str
+    contribution: float
+    text: str
+
+
+def reason_code(feature: str, contribution: float) -> str:
+    """``R04+`` when ``feature`` raised the probability of the segment, ``R04-`` when it did not."""
+    return f"R{REASON_NUMBERS[feature]:02d}{'+' if contribution > 0 else '-'}"
+
+
+def top_indices(contributions: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the indices of the ``k`` largest |contributions|, largest first; ties in schema order.
+
+    ``contributions`` is ``(rows, features)``; returns ``(rows, k)`` integer indices.
+    """
+    contributions = np.asarray(contributions, dtype=np.float64)
+    if contributions.ndim != 2:
+        raise ValueError(f"contributions must be (rows, features), got shape {contributions.shape}")
+    if not 1 <= k <= contributions.shape[1]:
+        raise ValueError(f"k must be between 1 and {contributions.shape[1]} (got {k})")
+    # A stable sort on -|c| keeps equal magnitudes in column (schema) order: deterministic.
+    order = np.argsort(-np.abs(contributions), axis=1, kind="stable")
+    return order[:, :k]
+
+
+def feature_label(feature: str) -> str:
+    """The words of a feature name: ``total_spent`` -> ``Total spent``."""
+    return feature.replace("_", " ").capitalize()
+
+
+def format_value(value: float | int | str) -> str:
+    """A customer's value as people read it: ``49624.0`` -> ``49,624``, ``12.5`` -> ``12.50``."""
+    if isinstance(value, str):
+        return value
+    number = float(value)
+    if number.is_integer():
+        return f"{int(number):,}"
+    return f"{number:,.2f}"
+
+
+def reason_text(feature: str, value: float | int | str, contribution: float) -> str:
+    """One plain sentence: ``Total spent of 49,624 is high for this segment: +0.41``.
+
+    Numeric features say high (a positive contribution) or low; gender and the 0/1 loyalty flag, which
+    have no "high", say whether their value counts for or against the segment.
+    """
+    label, shown, amount = feature_label(feature), format_value(value), f"{contribution:+.2f}"
+    feature_spec = schema.FEATURES_BY_NAME[feature]
+    categorical = not feature_spec.is_numeric or (feature_spec.minimum, feature_spec.maximum) == (0, 1)
+    if contribution == 0:
+        return f"{label} of {shown} does not move this segment: {amount}"
+    if categorical:
+        side = "for" if contribution > 0 else "against"
+        return f"{label} {shown} counts {side} this segment: {amount}"
+    level = "high" if contribution > 0 else "low"
+    return f"{label} of {shown} is {level} for this segment: {amount}"
+
+
+def reasons(
+    values: Mapping[str, float | int | str], contributions: Sequence[float] | np.ndarray, k: int
+) -> list[Reason]:
+    """The top ``k`` reasons of one customer (``contributions`` in schema order), largest |c| first."""
+    row = np.asarray(contributions, dtype=np.float64).reshape(1, -1)
+    if row.shape[1] != len(schema.FEATURE_NAMES):
+        raise ValueError(f"expected {len(schema.FEATURE_NAMES)} contributions, got {row.shape[1]}")
+    out = []
+    for index in top_indices(row, k)[0]:
+        feature, contribution = schema.FEATURE_NAMES[index], float(row[0, index])
+        value = values[feature]
+        out.append(
+            Reason(
+                code=reason_code(feature, contribution),
+                feature=feature,
+                value=value,
+                contribution=contribution,
+                text=reason_text(feature, value, contribution),
+            )
+        )
+    return out
+
+
+def global_importance(contributions: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """Mean |contribution| per feature (rows, schema order) and segment (columns), over all rows.
+
+    ``contributions`` is ``(rows, classes, features)``: each segment's column is about the probability
+    of that segment, whatever segment a row was given.
+    """
+    contributions = np.asarray(contributions, dtype=np.float64)
+    if contributions.ndim != 3 or contributions.shape[1:] != (len(classes), len(schema.FEATURE_NAMES)):
+        raise ValueError(
+            f"contributions must be (rows, {len(classes)} classes, {len(schema.FEATURE_NAMES)} features), "
+            f"got shape {contributions.shape}"
+        )
+    mean = np.abs(contributions).mean(axis=0) if len(contributions) else np.zeros(contributions.shape[1:])
+    return pd.DataFrame(mean.T, index=pd.Index(schema.FEATURE_NAMES, name="feature"), columns=list(classes))

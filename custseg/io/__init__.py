@@ -1,0 +1,1 @@
+"""Reading and writing tables (CSV and Parquet) at the edges."""

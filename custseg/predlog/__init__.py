@@ -1,0 +1,1 @@
+"""The prediction log: tables, the SQL store, the writer thread, metrics."""

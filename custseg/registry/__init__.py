@@ -1,0 +1,1 @@
+"""MLflow tracking and registry: client, quality gate, aliases, model cache, pyfunc flavour."""

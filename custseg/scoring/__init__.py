@@ -1,0 +1,1 @@
+"""Scoring: the model bundle, the Scorer, the compiled forest kernels and the explainer."""

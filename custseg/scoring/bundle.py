@@ -1,0 +1,154 @@
+"""The one scoring path: a model bundle (ONNX graph + skops pipeline) scored with ONNX Runtime.
+
+A *bundle* is a folder written at training time and stored with every registered model version:
+
+- ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
+- ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check
+                     *and* the operator allows it (``allow_pipeline_fallback``);
+- ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel (`custseg.scoring.forest`),
+                     bit-for-bit the pipeline's answers; batch scoring uses it, the API keeps ONNX Runtime;
+- ``bundle.json``    class order, parity results and check rows with the answers the pipeline gave at
+                     training time (re-checked on every load).
+
+Which skops types are trusted is decided here, in code (`SKOPS_TRUSTED_TYPES`), never by the bundle; that
+the files are the ones registered is checked before this module sees them (`custseg.verification`).
+
+The API, the batch scorer, the Azure entry script and the MLflow pyfunc all score through `Scorer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from custseg import schema
+from custseg.scoring.forest import FOREST_FILE, compile_pipeline, kernel_available
+from custseg.scoring.scorer import (
+    BUNDLE_FILE,
+    ONNX_FILE,
+    PIPELINE_FILE,
+    PROBA_TOLERANCE,
+    _onnx_session,
+    _refuse_foreign_types,
+    _run_onnx,
+    to_columns,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def export_onnx(pipeline: Any) -> bytes:
+    """Convert the fitted pipeline to ONNX with one input per raw column and a plain probability tensor."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+
+    initial_types = [
+        (f.name, FloatTensorType([None, 1]) if f.is_numeric else StringTensorType([None, 1]))
+        for f in schema.FEATURES
+    ]
+    onnx_model = to_onnx(
+        pipeline,
+        initial_types=initial_types,
+        options={id(pipeline.steps[-1][1]): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    return bytes(onnx_model.SerializeToString())
+
+
+def check_parity(pipeline: Any, onnx_bytes: bytes, frame: pd.DataFrame) -> dict[str, float | int | bool]:
+    """Compare ONNX Runtime with scikit-learn on ``frame``: label agreement and largest probability gap."""
+    labels, probabilities = _run_onnx(_onnx_session(onnx_bytes), to_columns(frame))
+    result = compare_with_pipeline(pipeline, frame, labels, probabilities)
+    close = result["label_mismatches"] == 0 and result["max_probability_gap"] <= PROBA_TOLERANCE
+    return {**result, "passed": close}
+
+
+def compare_with_pipeline(
+    pipeline: Any, frame: pd.DataFrame, labels: np.ndarray, probabilities: np.ndarray
+) -> dict[str, float | int | bool]:
+    """Rows, label mismatches and largest probability gap of another engine's answers on ``frame``."""
+    features = frame[list(schema.FEATURE_NAMES)]
+    mismatches = int((labels != pipeline.predict(features)).sum())
+    gap = float(np.abs(probabilities - pipeline.predict_proba(features)).max()) if len(frame) else 0.0
+    return {"rows": len(frame), "label_mismatches": mismatches, "max_probability_gap": gap}
+
+
+def write_bundle(
+    folder: Path,
+    pipeline: Any,
+    check_frame: pd.DataFrame,
+    parity_frames: Mapping[str, pd.DataFrame],
+) -> dict[str, Any]:
+    """Write the bundle for ``pipeline``; returns its metadata (parity per frame, onnx used or not)."""
+    import skops.io as sio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sio.dump(pipeline, folder / PIPELINE_FILE)
+    trusted = sio.get_untrusted_types(file=folder / PIPELINE_FILE)
+    _refuse_foreign_types(trusted, f"the pipeline of {type(pipeline.steps[-1][1]).__name__}")
+
+    parity: dict[str, Any] = {}
+    onnx_ok = False
+    try:
+        onnx_bytes = export_onnx(pipeline)
+        parity = {name: check_parity(pipeline, onnx_bytes, f) for name, f in parity_frames.items()}
+        onnx_ok = all(p["passed"] for p in parity.values())
+        if onnx_ok:
+            (folder / ONNX_FILE).write_bytes(onnx_bytes)
+        else:
+            logger.warning("ONNX parity check failed (%s); the model will be served by scikit-learn", parity)
+    except Exception as exc:  # any converter failure means: serve with sklearn, loudly
+        logger.warning("ONNX export failed (%s); the model will be served by scikit-learn", exc)
+        parity = {"error": f"{type(exc).__name__}: {exc}"}
+
+    forest_parity = _write_forest(folder, pipeline, parity_frames)
+    features = check_frame[list(schema.FEATURE_NAMES)]
+    meta = {
+        "format": 1,
+        "classes": [str(c) for c in pipeline.classes_],
+        "features": list(schema.FEATURE_NAMES),
+        "onnx": onnx_ok,
+        "parity": parity,
+        "forest": bool(forest_parity.get("passed")),
+        "forest_parity": forest_parity,
+        "skops_trusted_types": trusted,  # informational only: trust comes from SKOPS_TRUSTED_TYPES
+        "check_rows": json.loads(features.to_json(orient="records")),
+        "check_labels": [str(x) for x in pipeline.predict(features)],
+        "check_probabilities": pipeline.predict_proba(features).round(8).tolist(),
+    }
+    (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _write_forest(folder: Path, pipeline: Any, parity_frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    """Write ``forest.npz`` when the model is a forest whose compiled answers equal the pipeline's."""
+    try:
+        forest = compile_pipeline(pipeline)
+        if forest is None:
+            return {"passed": False, "reason": "not a forest"}
+        if not kernel_available():
+            logger.warning("custseg was installed without its C forest kernel; batches will use ONNX")
+            return {"passed": False, "reason": "the C kernel (custseg._forest) is not built here"}
+        result: dict[str, Any] = {"passed": True}
+        for name, frame in parity_frames.items():
+            proba = forest.predict_proba(forest.encode(to_columns(frame)))
+            labels = np.asarray(forest.classes)[proba.argmax(axis=1)]
+            result[name] = compare_with_pipeline(pipeline, frame, labels, proba)
+            exact = result[name]["label_mismatches"] == 0 and result[name]["max_probability_gap"] == 0.0
+            result["passed"] = result["passed"] and exact
+        if result["passed"]:
+            forest.save(folder / FOREST_FILE)
+        else:
+            logger.warning(
+                "compiled forest differs from the pipeline (%s); batch scoring will use ONNX", result
+            )
+        return result
+    except Exception as exc:  # the compiled kernel is an optimisation: never fail training over it
+        logger.warning("compiling the forest failed (%s); batch scoring will use ONNX Runtime", exc)
+        return {"passed": False, "reason": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,257 @@
+"""The one scoring path: a model bundle (ONNX graph + skops pipeline) scored with ONNX Runtime.
+
+A *bundle* is a folder written at training time and stored with every registered model version:
+
+- ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
+- ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check
+                     *and* the operator allows it (``allow_pipeline_fallback``);
+- ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel (`custseg.scoring.forest`),
+                     bit-for-bit the pipeline's answers; batch scoring uses it, the API keeps ONNX Runtime;
+- ``bundle.json``    class order, parity results and check rows with the answers the pipeline gave at
+                     training time (re-checked on every load).
+
+Which skops types are trusted is decided here, in code (`SKOPS_TRUSTED_TYPES`), never by the bundle; that
+the files are the ones registered is checked before this module sees them (`custseg.verification`).
+
+The API, the batch scorer, the Azure entry script and the MLflow pyfunc all score through `Scorer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from custseg import schema
+from custseg.errors import DataValidationError, ModelLoadError, Problem
+from custseg.scoring.forest import FOREST_FILE, CompiledForest, kernel_available
+
+logger = logging.getLogger(__name__)
+
+
+ONNX_FILE = "model.onnx"
+PIPELINE_FILE = "pipeline.skops"
+BUNDLE_FILE = "bundle.json"
+PROBA_TOLERANCE = 1e-5
+
+SKOPS_TRUSTED_TYPES = frozenset(
+    {
+        "sklearn.tree._tree.Tree",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    }
+)
+"""The types skops does not trust by itself that custseg's candidate pipelines need (forests, trees,
+gradient boosting, histogram gradient boosting), by exact name. A pipeline.skops needing any other type
+is refused; a new kind of candidate adds its types here (training refuses to write it until then)."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Labels and class probabilities for a batch of rows (probability columns follow ``classes``)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    classes: tuple[str, ...]
+
+
+# -- building a bundle (training time) -------------------------------------------------------------
+
+
+def to_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Model inputs from a validated frame: one (n, 1) array per feature, float32 or str."""
+    columns: dict[str, np.ndarray] = {}
+    for name in schema.NUMERIC_FEATURES:
+        columns[name] = frame[name].to_numpy(dtype=np.float32).reshape(-1, 1)
+    for name in schema.CATEGORICAL_FEATURES:
+        columns[name] = frame[name].astype(str).to_numpy(dtype=object).reshape(-1, 1)
+    return columns
+
+
+def typed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Records as a frame with the schema's dtypes (int64, float64, str) — what the signature expects."""
+    frame = pd.DataFrame.from_records(records, columns=list(schema.FEATURE_NAMES))
+    for feature in schema.FEATURES:
+        dtype = {"int": "int64", "float": "float64", "category": "str"}[feature.kind]
+        frame[feature.name] = frame[feature.name].astype(dtype)
+    return frame
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scorer:
+    """Scores raw customer rows; ``backend`` is ``forest``, ``onnx`` or ``sklearn`` (the fallback)."""
+
+    classes: tuple[str, ...]
+    backend: str
+    _session: Any = None
+    _pipeline: Any = None
+    _forest: CompiledForest | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        folder: str | Path,
+        *,
+        prefer_onnx: bool = True,
+        compiled: bool = False,
+        allow_pipeline: bool = False,
+    ) -> Scorer:
+        """Load a bundle and re-check it against the answers recorded at training time.
+
+        ``compiled`` (batch scoring) uses the bundle's compiled forest when it has one. The scikit-learn
+        pipeline is loaded only with ``allow_pipeline`` (the operator's ``allow_pipeline_fallback``):
+        ``"onnx": false`` in bundle.json alone never makes this load ``pipeline.skops``.
+        """
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / BUNDLE_FILE).read_text())
+            classes = tuple(str(c) for c in meta["classes"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{folder} is not a custseg model bundle ({exc})") from exc
+        scorer = _forest_scorer(cls, folder, meta, classes) if compiled else None
+        onnx_problem = "pipeline requested" if not prefer_onnx else "the bundle has no ONNX graph"
+        if scorer is None and prefer_onnx and meta.get("onnx") and (folder / ONNX_FILE).exists():
+            try:
+                session = _onnx_session((folder / ONNX_FILE).read_bytes())
+                scorer = cls(classes=classes, backend="onnx", _session=session, meta=meta)
+                scorer.verify()
+            except Exception as exc:
+                if not allow_pipeline:  # the ONNX failure is the reason: say it as it is
+                    if isinstance(exc, ModelLoadError):
+                        raise
+                    raise ModelLoadError(f"the ONNX model in {folder} failed to load ({exc})") from exc
+                onnx_problem = f"the ONNX model failed to load or check ({exc})"
+                scorer = None
+        if scorer is None:
+            if not allow_pipeline:
+                raise ModelLoadError(
+                    f"refusing to serve {folder}: {onnx_problem}, and loading its scikit-learn pipeline "
+                    "is not allowed. Set CUSTSEG_ALLOW_PIPELINE_FALLBACK=true to serve it with "
+                    "scikit-learn, or register a model with a working ONNX graph."
+                )
+            logger.warning("serving %s with scikit-learn (allowed by the operator): %s", folder, onnx_problem)
+            scorer = cls(classes=classes, backend="sklearn", _pipeline=_load_pipeline(folder), meta=meta)
+            scorer.verify()
+        return scorer
+
+    def verify(self) -> None:
+        """Raise ModelLoadError unless the model reproduces the answers stored in its bundle."""
+        rows = self.meta.get("check_rows") or []
+        if not rows:
+            return
+        scores = self.score_frame(pd.DataFrame(rows))
+        expected = np.asarray(self.meta["check_labels"])
+        if not np.array_equal(scores.labels, expected):
+            raise ModelLoadError("model check failed: labels differ from those recorded at training time")
+        gap = float(np.abs(scores.probabilities - np.asarray(self.meta["check_probabilities"])).max())
+        if gap > 1e-4:
+            raise ModelLoadError(f"model check failed: probabilities differ by {gap:.2e}")
+
+    def score_columns(self, columns: Mapping[str, np.ndarray]) -> Scores:
+        """Score prepared inputs (see `to_columns`); gender must already be canonical."""
+        if self._forest is not None:
+            proba = self._forest.predict_proba(self._forest.encode(columns))
+            labels = np.asarray(self.classes)[proba.argmax(axis=1)] if len(proba) else np.array([], dtype=str)
+            return Scores(labels=labels, probabilities=proba, classes=self.classes)
+        if self._session is not None:
+            labels, proba = _run_onnx(self._session, columns)
+        else:
+            frame = pd.DataFrame({name: np.asarray(columns[name]).ravel() for name in schema.FEATURE_NAMES})
+            for name in schema.NUMERIC_FEATURES:
+                frame[name] = frame[name].astype(np.float64)
+            labels = np.asarray(self._pipeline.predict(frame)).astype(str)
+            proba = self._pipeline.predict_proba(frame)
+        return Scores(labels=labels, probabilities=np.asarray(proba, dtype=np.float64), classes=self.classes)
+
+    def score_frame(self, frame: pd.DataFrame) -> Scores:
+        """Score a DataFrame of raw columns (gender as text, any case); raises on invalid values."""
+        return self.score_columns(to_columns(prepare_frame(frame)))
+
+
+def _forest_scorer(
+    cls: type[Scorer], folder: Path, meta: Mapping[str, Any], classes: tuple[str, ...]
+) -> Scorer | None:
+    """The compiled-forest scorer if the bundle has a forest that loads and checks; else None."""
+    if not (meta.get("forest") and (folder / FOREST_FILE).exists()):
+        return None
+    if not kernel_available():
+        logger.warning("custseg was installed without its C forest kernel (no compiler?); using ONNX")
+        return None
+    try:
+        forest = CompiledForest.load(folder / FOREST_FILE)
+        if forest.classes != classes:
+            raise ModelLoadError(f"forest classes {forest.classes} differ from the bundle's {classes}")
+        scorer = cls(classes=classes, backend="forest", _forest=forest, meta=dict(meta))
+        scorer.verify()
+        return scorer
+    except Exception as exc:
+        logger.error("compiled forest in %s failed to load or check (%s); using ONNX", folder, exc)
+        return None
+
+
+def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Check the raw columns are present and gender known; return them with gender made canonical."""
+    missing = [c for c in schema.FEATURE_NAMES if c not in frame.columns]
+    if missing:
+        raise DataValidationError([Problem("missing column", column=c) for c in missing], source="input")
+    out = frame[list(schema.FEATURE_NAMES)].copy()
+    for name in schema.CATEGORICAL_FEATURES:
+        raw = out[name].astype(str)
+        canonical = raw.map(schema.normalize_gender)
+        bad = canonical.isna().to_numpy().nonzero()[0]
+        if len(bad):
+            raise DataValidationError(
+                [
+                    Problem(f"unknown value {raw.iloc[i]!r}; expected Male or Female", i + 1, name)
+                    for i in bad[:20]
+                ],
+                source="input",
+            )
+        out[name] = canonical
+    return out
+
+
+def _refuse_foreign_types(types: list[str], where: str) -> None:
+    foreign = sorted(set(types) - SKOPS_TRUSTED_TYPES)
+    if foreign:
+        raise ModelLoadError(
+            f"refusing to load {where}: it needs types custseg does not trust: {', '.join(foreign)} "
+            "(the trusted types are SKOPS_TRUSTED_TYPES in custseg/predict.py)"
+        )
+
+
+def _load_pipeline(folder: Path) -> Any:
+    import skops.io as sio
+
+    path = folder / PIPELINE_FILE
+    if not path.exists():
+        raise ModelLoadError(f"bundle {folder} has no {PIPELINE_FILE}")
+    untrusted = sio.get_untrusted_types(file=path)
+    _refuse_foreign_types(untrusted, str(path))
+    return sio.load(path, trusted=sorted(SKOPS_TRUSTED_TYPES & set(untrusted)))
+
+
+def _onnx_session(onnx_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # One row costs tens of microseconds; thread hand-offs would cost more than they save.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _run_onnx(session: Any, columns: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    # ONNX Runtime takes text as object arrays; the batch reader may hand fixed-width unicode.
+    inputs = {k: v.astype(object) if v.dtype.kind == "U" else v for k, v in columns.items()}
+    labels, proba = session.run(None, inputs)
+    return np.asarray(labels).astype(str).ravel(), np.asarray(proba)

@@ -1,0 +1,258 @@
+"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+
+One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
+keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
+and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
+with orjson. A background task polls the registry and swaps the served model atomically; the old
+model keeps answering until the new one has loaded and passed its checks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+import time
+
+import orjson
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from custseg.errors import (
+    AuthenticationError,
+    CustsegError,
+    DataError,
+    InputTooLargeError,
+)
+from custseg.serving.errors import (
+    CLIENT_CLOSED,
+    ASGIApp,
+    ForbiddenError,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    UnsupportedMediaTypeError,
+    UntrustedHostError,
+    _send_error,
+)
+from custseg.serving.metrics import ApiMetrics
+from custseg.serving.security import (
+    ANONYMOUS,
+    HOST_CHECK_EXEMPT,
+    LOOPBACK_HOSTS,
+    PATH_SCOPES,
+    ApiKey,
+    _host_name,
+    configured_keys,
+)
+from custseg.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+access_logger = logging.getLogger("custseg.access")
+
+OPEN_PATHS = frozenset(
+    {"/", "/health/live", "/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+)
+"""Paths served without an API key: liveness, readiness and the (secret-free) API description."""
+
+KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score", "/feedback"})
+JSON_BODY_PATHS = frozenset({"/predict", "/score", "/feedback"})
+"""The POST routes; each takes a JSON body (other paths answer POST with 404 or 405)."""
+REQUEST_ID_MAX = 64
+"""Longest request_id the prediction log's column holds (feedback names one)."""
+RID_HEADER = b"x-request-id"
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("custseg.request_id") or new_request_id())
+
+
+def new_request_id() -> str:
+    """A UUIDv7 as 32 hex digits: time-ordered, so the prediction log's unique index on request_id
+    grows at its end. Random uuid4 ids made every logged batch rewrite pages all over that index,
+    which cost more CPU than the rest of the logging as the table grew (see bench/bench_api.py)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    high, low = rand >> 68, rand & (2**62 - 1)  # 12 and 62 random bits around the version and variant
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | high << 64 | 0b10 << 62 | low
+    return f"{value:032x}"
+
+
+# -- the middleware -------------------------------------------------------------------------------
+
+
+class ApiMiddleware:
+    """Request ids, trusted Host, body limit, API keys and scopes, JSON-only POSTs, metrics and the
+    access log, for every HTTP request (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = settings.max_body_bytes
+        self.keys = configured_keys(settings)
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_open else set())
+        trusted = {h.strip().lower() for h in settings.trusted_hosts}
+        self.any_host = "*" in trusted
+        self.hosts = frozenset({*LOOPBACK_HOSTS, *trusted})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        client_id = content_length = presented = host = content_type = None
+        for name, value in scope["headers"]:
+            if name == RID_HEADER:
+                if _SANE_REQUEST_ID.fullmatch(value):
+                    client_id = value.decode()
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"host":
+                host = value
+            elif name == b"x-api-key":
+                presented = value
+            elif name == b"authorization" and presented is None and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+        # The server's own id is the log's key (unique by construction); a client's id is kept beside it.
+        request_id = new_request_id()
+        scope["custseg.request_id"] = request_id
+        scope["custseg.client_request_id"] = client_id
+        scope["custseg.started"] = started
+        path = scope["path"]
+        route = path if path in KNOWN_PATHS else "other"
+        rid_header = (RID_HEADER, (client_id or request_id).encode())
+        status_holder = [500]
+        started_response = [False]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+                started_response[0] = True
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            early = self._refuse(scope, host, presented, content_type, content_length)
+            if early is not None:
+                await _send_error(send_with_id, early, request_id, client_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except ClientDisconnect:
+            # The client left before sending its whole body: nothing to answer, and not a server error.
+            status_holder[0] = CLIENT_CLOSED
+            logger.info("request %s: the client disconnected before the body was complete", request_id)
+        except Exception as exc:
+            if isinstance(exc, CustsegError):
+                logger.info("request %s refused: %s", request_id, exc)
+            else:
+                logger.exception("request %s (client id %s) failed", request_id, client_id)
+            if not started_response[0]:
+                await _send_error(send_with_id, exc, request_id, client_id)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            status = status_holder[0]
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.requests.labels(method, route, status).inc()
+            self.metrics.latency.labels(route, status).observe(elapsed)
+            if access_logger.isEnabledFor(logging.INFO):
+                access_logger.info(
+                    orjson.dumps(
+                        {
+                            "ts": time.time(),
+                            "request_id": request_id,
+                            "client_request_id": client_id,
+                            "method": scope["method"],
+                            "path": path,
+                            "status": status,
+                            "latency_ms": round(elapsed * 1000, 3),
+                            "model_version": scope.get("custseg.model_version"),
+                            "key": scope.get("custseg.key"),
+                            "client": (scope.get("client") or (None,))[0],
+                        }
+                    ).decode()
+                )
+
+    def _refuse(
+        self,
+        scope: Scope,
+        host: bytes | None,
+        presented: bytes | None,
+        content_type: bytes | None,
+        content_length: bytes | None,
+    ) -> Exception | None:
+        """The first reason to answer without running the route, or None (sets the caller's key)."""
+        path = scope["path"]
+        if not self.any_host and host is not None and path not in HOST_CHECK_EXEMPT:
+            name = _host_name(host)
+            if name not in self.hosts:
+                return UntrustedHostError(
+                    f"this server does not answer to the host name {name[:100]!r}; "
+                    "the operator can add it to CUSTSEG_TRUSTED_HOSTS"
+                )
+        if not self.keys:
+            scope["custseg.key"] = ANONYMOUS
+        elif path not in self.open_paths:
+            key = self._authenticate(presented)
+            if key is None:
+                return AuthenticationError("a valid API key is required (X-API-Key or Authorization: Bearer)")
+            scope["custseg.key"] = key.name
+            needed = PATH_SCOPES.get(path)
+            if needed is not None and needed not in key.scopes:
+                return ForbiddenError(
+                    f"API key {key.name} may not use {path}: it needs the '{needed}' scope "
+                    f"(a key in CUSTSEG_{needed.upper()}_KEYS or CUSTSEG_API_KEYS); "
+                    f"this key has: {', '.join(sorted(key.scopes))}"
+                )
+        if scope["method"] == "POST" and path in JSON_BODY_PATHS and not _is_json(content_type):
+            return UnsupportedMediaTypeError(
+                "send the body as JSON with the header Content-Type: application/json"
+            )
+        if content_length is not None:
+            try:
+                declared = int(content_length)
+            except ValueError:
+                return DataError("invalid Content-Length header")
+            if declared > self.max_body:
+                return InputTooLargeError(f"request body is larger than {self.max_body} bytes")
+        return None
+
+    def _authenticate(self, presented: bytes | None) -> ApiKey | None:
+        if not presented:
+            return None
+        matched = None
+        for key in self.keys:  # compare with every key: timing says nothing about which matched
+            if hmac.compare_digest(key.secret, presented):
+                matched = key
+        return matched
+
+    def _limited(self, receive: Receive) -> Receive:
+        limit = self.max_body
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # chunked bodies have no Content-Length: count as they stream in
+                    raise InputTooLargeError(f"request body is larger than {limit} bytes")
+            return message
+
+        return counted
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """``application/json``, parameters (charset) allowed: a type browsers never send cross-site
+    without asking first (CORS preflight), unlike text/plain or a form."""
+    if content_type is None:
+        return False
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"

@@ -1,0 +1,207 @@
+"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+
+One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
+keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
+and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
+with orjson. A background task polls the registry and swaps the served model atomically; the old
+model keeps answering until the new one has loaded and passed its checks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+)
+
+from custseg import schema
+
+CUSTOMER_ID_MAX = 128
+"""Longest customer_id: the prediction log's column width (custseg.predlog.tables.build_tables)."""
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+"""Control characters (PostgreSQL text refuses NUL) and lone surrogates (not encodable as UTF-8)."""
+_PRINTABLE_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+_PRINTABLE_NOT_BLANK_PATTERN = (
+    r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+)
+"""The same rule for the OpenAPI document (ECMA-262 regex), ids also not blank."""
+
+
+# -- request and response models (generated from the schema) ---------------------------------------
+
+
+def _gender(value: str) -> str:
+    canonical = schema.normalize_gender(value)
+    if canonical is None:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(f"unknown value {shown!r}; expected Male or Female (case-insensitive)")
+    return canonical
+
+
+_GENDER_PATTERN = (
+    r"^\s*(" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in g) for g in schema.GENDERS) + r")\s*$"
+)
+
+
+def _field_type(feature: schema.Feature) -> Any:
+    if feature.kind == "category":
+        return Annotated[
+            str,
+            Field(
+                strict=True,
+                max_length=64,
+                json_schema_extra={"pattern": _GENDER_PATTERN},
+                description=f"{feature.description} Case-insensitive, surrounding spaces ignored.",
+                examples=[feature.example],
+            ),
+            AfterValidator(_gender),
+        ]
+    number = Field(
+        strict=True,
+        # The schema's domain, open ends capped at schema.NUMBER_CAP (the bound batch checks too).
+        ge=feature.lower_bound,
+        le=feature.upper_bound,
+        description=f"{feature.description} {feature.domain_text()}.",
+        examples=[feature.example],
+    )
+    if feature.kind == "int":
+        return Annotated[int, number, BeforeValidator(_whole_number)]
+    return Annotated[float, number]
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON has one number type: 56.0 is the integer 56 (JSON Schema agrees); 56.5 and "56" stay errors.
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+def storable_text(value: str) -> str:
+    """Text the prediction log can store: no control characters (NUL breaks PostgreSQL), no lone
+    surrogates. Checked at the edge so one bad request can never stop the log's writer."""
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        raise ValueError(
+            f"contains the control character U+{ord(found.group()):04X} at position {found.start()}; "
+            "send printable text"
+        )
+    return value
+
+
+def _record_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {f.name: (_field_type(f), ...) for f in schema.FEATURES}
+    fields["customer_id"] = (
+        Annotated[str, AfterValidator(storable_text)] | None,
+        Field(
+            default=None,
+            max_length=CUSTOMER_ID_MAX,
+            description="Optional identifier, echoed back in `customer_ids` and kept in the prediction log "
+            "(no control characters).",
+            json_schema_extra={"pattern": _PRINTABLE_PATTERN},
+        ),
+    )
+    return create_model(
+        "CustomerRecord",
+        __config__=ConfigDict(
+            extra="forbid",
+            allow_inf_nan=False,
+            json_schema_extra={"examples": [dict[str, Any](schema.EXAMPLE_RECORD)]},
+        ),
+        __doc__="One customer: the ten raw features of custseg.schema (and an optional customer_id).",
+        **fields,
+    )
+
+
+CustomerRecord = _record_model()
+
+
+class ModelSummary(BaseModel):
+    name: str = Field(examples=["customer-segments"])
+    version: str = Field(examples=["1"])
+
+
+class PredictionResponse(BaseModel):
+    """Labels in request order; ``prediction`` stays a list even for one record (prototype clients)."""
+
+    prediction: list[str] = Field(examples=[["medium_value"]])
+    probabilities: list[dict[str, float]] = Field(
+        examples=[[{"high_value": 0.03, "low_value": 0.0, "medium_value": 0.97}]]
+    )
+    model: ModelSummary
+    request_id: str = Field(
+        description="The server's id of this request: the prediction log's key, what /feedback takes."
+    )
+    client_request_id: str | None = Field(
+        default=None, description="The caller's X-Request-ID, when it sent a usable one (kept in the log)."
+    )
+    customer_ids: list[str | None] | None = Field(
+        default=None, description="Present when any record carried a customer_id."
+    )
+
+
+class ErrorItem(BaseModel):
+    field: str | None = Field(
+        description="The offending field (null when the whole record or body is wrong)."
+    )
+    row: int | None = Field(default=None, description="0-based position in a batch; null for one object.")
+    reason: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(examples=["invalid_input"])
+    message: str
+    request_id: str = Field(description="The server's id of this request (quote it when asking for help).")
+    client_request_id: str | None = Field(default=None, description="The caller's X-Request-ID, if any.")
+    errors: list[ErrorItem] = Field(default_factory=list)
+
+
+class FeedbackResponse(BaseModel):
+    written: int = Field(description="Feedback records stored now.")
+    corrected: int | None = Field(
+        default=None, description="Of those, how many replace an earlier true segment (kept as history)."
+    )
+    duplicates: list[str] = Field(
+        description="Keys already recorded earlier (or twice in this body): not written."
+    )
+    message: str
+
+
+class Liveness(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    model: ModelSummary
+    registry: str = Field(default="reachable", examples=["reachable", "unreachable"])
+    """Whether the last registry poll succeeded; the loaded model keeps serving while it is unreachable."""
+
+
+class FeatureInfo(BaseModel):
+    name: str
+    kind: str
+    description: str
+    domain: str
+    minimum: float | None = None
+    maximum: float | None = None
+    categories: list[str] | None = None
+
+
+class ModelDetails(BaseModel):
+    name: str
+    version: str
+    run_id: str | None
+    trained_at: str = Field(description="When the version was registered (right after its training run).")
+    loaded_at: str
+    aliases: list[str]
+    backend: str = Field(description="onnx (ONNX Runtime) or sklearn (fallback).")
+    classes: list[str]
+    holdout_metrics: dict[str, float]
+    features: list[FeatureInfo]

@@ -1,0 +1,216 @@
+"""MLflow: tracking runs, the model registry, and the champion/challenger aliases.
+
+Without ``MLFLOW_TRACKING_URI`` everything lives under ``CUSTSEG_HOME``: a SQLite tracking and registry
+store (``mlflow.db``) and local artifacts (``mlartifacts/``). With it, everything goes to that server.
+
+Every registered version carries the SHA-256 of its bundle files (`custseg.verification`); every download
+is checked against them before anything in it is parsed. A registry that cannot be reached raises
+`RegistryUnavailableError`, never "no model"; URIs in messages are redacted (`custseg.redact`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from custseg import schema
+from custseg.core.training import Candidate, TrainingResult
+from custseg.registry.client import (
+    MODEL_CODE,
+    ModelRef,
+    code_version,
+    connect,
+    ensure_experiment,
+    frame_digest,
+    get_version,
+    model_signature,
+)
+from custseg.registry.gate import GateDecision, apply_quality_gate
+from custseg.reports.plots import confusion_figure, importance_figure
+from custseg.scoring.bundle import write_bundle
+from custseg.scoring.scorer import typed_frame
+from custseg.scoring.verification import (
+    DIGESTS_TAG,
+    MODEL_CONFIG_KEY,
+    bundle_digests,
+    encode_digests,
+)
+from custseg.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    run_id: str
+    experiment_id: str
+    model: ModelRef
+    decision: GateDecision
+    bundle_meta: dict[str, Any]
+
+
+# -- logging a training run ------------------------------------------------------------------------
+
+
+def register_training(
+    result: TrainingResult,
+    settings: Settings,
+    *,
+    data_source: str,
+    full_frame: pd.DataFrame,
+    parity_frame: pd.DataFrame,
+    reference: dict[str, Any],
+) -> Registration:
+    """Log the run (params, metrics, tags, plots, tables, reference statistics, model), register the
+    version and apply the quality gate. Nothing touches the registry before training has succeeded."""
+    client = connect(settings)
+    experiment_id = ensure_experiment(client, settings)
+    with tempfile.TemporaryDirectory(prefix="custseg-") as tmp:
+        bundle_dir = Path(tmp) / "bundle"
+        bundle_meta = write_bundle(
+            bundle_dir,
+            result.pipeline,
+            check_frame=result.test_frame.head(25),
+            parity_frames={"test_split": result.test_frame, "generated": parity_frame},
+        )
+        digests = encode_digests(bundle_digests(bundle_dir))
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{result.selected}") as run:
+            _log_run_contents(result, settings, data_source, full_frame, bundle_meta, reference, Path(tmp))
+            model_info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={"bundle": str(bundle_dir)},
+                signature=model_signature(),
+                input_example=typed_frame([schema.EXAMPLE_RECORD]),
+                registered_model_name=settings.model_name,
+                metadata={"custseg_selected": result.selected, "onnx": bundle_meta["onnx"]},
+                # for the loaders that see only the model's files (pyfunc, Azure ML entry script)
+                model_config={MODEL_CONFIG_KEY: digests},
+            )
+            run_id = run.info.run_id
+    version = str(model_info.registered_model_version)
+    # Before any alias points at the version: nobody may load it before its checksums are recorded.
+    client.set_model_version_tag(settings.model_name, version, DIGESTS_TAG, digests)
+    client.set_model_version_tag(settings.model_name, version, "custseg.selected", result.selected)
+    decision = apply_quality_gate(client, settings, version, result)
+    model = get_version(client, settings.model_name, version)
+    return Registration(run_id, experiment_id, model, decision, bundle_meta)
+
+
+def _log_run_contents(
+    result: TrainingResult,
+    settings: Settings,
+    data_source: str,
+    frame: pd.DataFrame,
+    bundle_meta: dict[str, Any],
+    reference: dict[str, Any],
+    tmp: Path,
+) -> None:
+    counts = frame[schema.LABEL_COLUMN].value_counts()
+    mlflow.set_tags(
+        {
+            "custseg.data_source": data_source,
+            "custseg.data_digest": frame_digest(frame),
+            "custseg.code_version": code_version(),
+            "custseg.rows": str(len(frame)),
+            "custseg.rows_train": str(len(result.train_frame)),
+            "custseg.rows_test": str(len(result.test_frame)),
+            **{f"custseg.rows_{label}": str(int(counts.get(label, 0))) for label in schema.LABELS},
+            "custseg.selected": result.selected,
+            "custseg.onnx": str(bundle_meta["onnx"]).lower(),
+            "custseg.run_type": "training",
+        }
+    )
+    mlflow.log_params(
+        {
+            "selected_candidate": result.selected,
+            **{f"model_{k}": v for k, v in result.selected_params.items()},
+            "cv_folds": result.cv_folds,
+            "seed": result.seed,
+            "test_size": 0.2,
+            "candidates": len(result.cv_table),
+        }
+    )
+    mlflow.log_metrics({f"holdout_{k}": v for k, v in result.holdout.metrics.items()})
+    mlflow.log_metrics({f"prototype_holdout_{k}": v for k, v in result.prototype.metrics.items()})
+    best = result.cv_table.iloc[0]
+    mlflow.log_metrics(
+        {"cv_macro_f1_mean": best["cv_macro_f1_mean"], "cv_macro_f1_std": best["cv_macro_f1_std"]}
+    )
+    for name, parity in bundle_meta["parity"].items():
+        if isinstance(parity, dict):
+            mlflow.log_metrics(
+                {
+                    f"onnx_parity_{name}_label_mismatches": parity["label_mismatches"],
+                    f"onnx_parity_{name}_max_probability_gap": parity["max_probability_gap"],
+                }
+            )
+    mlflow.log_dict(bundle_meta["parity"], "evaluation/onnx_parity.json")
+    mlflow.log_text(result.holdout.report, "evaluation/classification_report.txt")
+    mlflow.log_text(result.prototype.report, "evaluation/prototype_classification_report.txt")
+    mlflow.log_dict(
+        {"selected": result.holdout.metrics, "prototype": result.prototype.metrics}, "evaluation/metrics.json"
+    )
+    mlflow.log_text(result.cv_table.to_csv(index=False), "evaluation/cv_candidates.csv")
+    mlflow.log_figure(
+        confusion_figure(result.holdout, f"{result.selected} — held-out confusion"),
+        "plots/confusion_matrix.png",
+    )
+    mlflow.log_figure(
+        confusion_figure(result.prototype, "prototype recipe — held-out confusion"),
+        "plots/prototype_confusion_matrix.png",
+    )
+    if result.feature_importances:
+        mlflow.log_figure(importance_figure(result.feature_importances), "plots/feature_importance.png")
+        mlflow.log_dict(result.feature_importances, "evaluation/feature_importance.json")
+    mlflow.log_dict(reference, "reference/statistics.json")
+    sample = result.train_frame.drop(columns=[schema.ID_COLUMN], errors="ignore")
+    if len(sample) > 100_000:
+        sample = sample.sample(100_000, random_state=result.seed)
+    sample_path = tmp / "reference.parquet"
+    sample.to_parquet(sample_path, index=False)
+    mlflow.log_artifact(str(sample_path), "reference")
+    try:
+        dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]
+            frame, source=data_source, name=Path(data_source).name, targets=schema.LABEL_COLUMN
+        )
+        mlflow.log_input(dataset, context="training")
+    except Exception as exc:  # dataset lineage is a nicety; the run is complete without it
+        logger.debug("could not log dataset lineage: %s", exc)
+
+
+def train_and_register(
+    frame: pd.DataFrame,
+    settings: Settings,
+    *,
+    data_source: str,
+    on_progress: Any = None,
+    candidates: list[Candidate] | None = None,
+) -> tuple[TrainingResult, Registration]:
+    """Train on a validated frame, then log, register and gate the new version."""
+    from custseg.core.drift import reference_statistics
+    from custseg.core.generator import generate
+    from custseg.core.training import train
+
+    result = train(
+        frame, seed=settings.seed, cv_folds=settings.cv_folds, candidates=candidates, on_progress=on_progress
+    )
+    # Parity is checked on many fresh rows too, not just the (small) test split.
+    parity_frame = generate(20_000, seed=settings.seed + 1, label_noise=0.0)
+    train_features = result.train_frame[list(schema.FEATURE_NAMES)]
+    reference = reference_statistics(result.train_frame, predicted=result.pipeline.predict(train_features))
+    registration = register_training(
+        result,
+        settings,
+        data_source=data_source,
+        full_frame=frame,
+        parity_frame=parity_frame,
+        reference=reference,
+    )
+    return result, registration
