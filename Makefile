@@ -15,12 +15,12 @@ UV_VERSION = $(shell sed -n 's/^uv==//p' $(LOCK))
 # uv's cache and the venv may sit on different file systems: copy instead of trying hard links first.
 export UV_LINK_MODE ?= copy
 
-.PHONY: setup run train serve test lint format bench ui clean
+.PHONY: setup run train serve test test-unit lint format bench ui clean
 
 # Create .venv in the repository root and install custseg with every extra the tests use, at the lock's
 # versions (from PyPI). Without uv the same install is: pip install -c requirements.lock -e ".[dev]".
-# The install compiles custseg/scoring/_forest.c (the batch forest kernel) with the machine's C compiler.
-$(STAMP): pyproject.toml setup.py custseg/scoring/_forest.c $(LOCK) | $(UV)
+# The install compiles custseg/scoring/_forest.c and _treeshap.c (forest and explanation kernels) with the C compiler.
+$(STAMP): pyproject.toml setup.py custseg/scoring/_forest.c custseg/scoring/_treeshap.c $(LOCK) | $(UV)
 	$(UV) pip install --python $(BIN)/python --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
@@ -49,13 +49,19 @@ train: setup
 serve: setup
 	$(BIN)/custseg serve --host $(HOST) --port $(PORT)
 
+# Unit and integration tests (PostgreSQL, an mlflow server, azmlinfsrv, Spark, `custseg serve`, chromium).
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tests only: no services, no network, under 90 s (tests/unit).
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check custseg tests bench deploy
 	$(BIN)/ruff format --check custseg tests bench deploy
 	$(BIN)/mypy custseg
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format custseg tests bench deploy

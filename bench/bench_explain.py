@@ -7,11 +7,15 @@ What it does, in one process so both share the machine's conditions:
 
 1. trains a champion-like forest (300 trees, ``class_weight="balanced"``, ``max_depth=8``) on
    ``data/customers.csv`` inside custseg's pipeline, and builds the explainer (precompute time, memory);
-2. generates ``--rows`` fresh customers (``custseg.core.generator.generate``) and explains all of them with both,
+2. generates ``--rows`` fresh customers (``custseg.core.generator.generate``) and explains them all with both,
    ``--repeats`` times, alternating, one thread each (shap's ``tree_path_dependent`` mode, without its
    additivity check; custseg with ``threads=1``); a threaded custseg run is reported separately;
 3. prints the medians in µs/row, the ratio, and the largest difference between the two answers (gender
-   = the sum of shap's two one-hot columns) and of base value + contributions against ``predict_proba``.
+   = the sum of shap's two one-hot columns) and of base value + contributions against ``predict_proba``;
+4. writes the model's bundle and times ``Scorer.explain(columns, 3)`` — what the API, batch and the web
+   app call — on one row (p50 and p90 of ``--single`` calls, ONNX Runtime scorer) and on 1,000 rows.
+
+``--scorer-only`` skips steps 2-3 (the shap comparison takes minutes).
 """
 
 from __future__ import annotations
@@ -60,9 +64,54 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="threads of the separate threaded run")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--single", type=int, default=2000, help="one-row Scorer.explain calls timed")
+    parser.add_argument("--scorer-only", action="store_true", help="only time Scorer.explain")
     args = parser.parse_args()
 
     pipeline = champion()
+    figures = scorer_figures(pipeline, args.single) | (
+        {} if args.scorer_only else compare_with_shap(pipeline, args)
+    )
+    for key, value in figures.items():
+        print(f"{key:>32}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def scorer_figures(pipeline: object, calls: int) -> dict[str, object]:
+    """Latency of `Scorer.explain(columns, 3)`: one row (p50/p90), and 1,000 rows (median of 5)."""
+    import tempfile
+
+    from custseg.scoring.bundle import write_bundle
+    from custseg.scoring.scorer import Scorer, typed_frame
+
+    training = pd.read_csv(ROOT / "data" / "customers.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = write_bundle(Path(tmp), pipeline, training.head(25), {"test": training.head(200)})
+        scorer = Scorer.from_bundle(Path(tmp))
+    one = to_columns(typed_frame([schema.EXAMPLE_RECORD]))
+    scores = scorer.score_columns(one)
+    for _ in range(50):  # warm caches and the allocator
+        scorer.explain(one, 3)
+    single, kernel, given = [], [], []
+    for _ in range(calls):
+        single.append(timed(lambda: scorer.explain(one, 3))[0])
+        given.append(timed(lambda: scorer.explain(one, 3, scores=scores))[0])
+        kernel.append(timed(lambda: scorer.explainer.explain(one))[0])  # type: ignore[union-attr]
+    many = to_columns(generate(1000, seed=8)[FEATURES])
+    bulk = [timed(lambda: scorer.explain(many, 3))[0] for _ in range(5)]
+    return {
+        "backend": scorer.backend,
+        "explainer_check": meta["explainer"]["reference_check"],
+        "explain3_one_row_p50_ms": round(float(np.percentile(single, 50)) * 1e3, 3),
+        "explain3_one_row_p90_ms": round(float(np.percentile(single, 90)) * 1e3, 3),
+        "explain3_one_row_scored_p50_ms": round(float(np.percentile(given, 50)) * 1e3, 3),
+        "kernel_one_row_p50_ms": round(float(np.percentile(kernel, 50)) * 1e3, 3),
+        "explain3_1000_rows_ms": round(statistics.median(bulk) * 1e3, 1),
+    }
+
+
+def compare_with_shap(pipeline: object, args: argparse.Namespace) -> dict[str, object]:
     model = pipeline.steps[-1][1]  # type: ignore[attr-defined]
     precompute, explainer = timed(lambda: TreeExplainer.from_pipeline(pipeline))
     frame = generate(args.rows, seed=7)[FEATURES]
@@ -106,10 +155,7 @@ def main() -> None:
         "ours_seconds": [round(t, 2) for t in ours_times],
         "shap_seconds": [round(t, 2) for t in shap_times],
     }
-    for key, value in figures.items():
-        print(f"{key:>32}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Usage: ``.venv/bin/python bench/bench_inspect.py [--rows 1000000] [--repeats 3] [--dir /tmp]``
 
-Writes one CSV and one Parquet file with ``custseg.io.generated.generate_file``, then times, each case in a fresh
-process (so peak memory is its own), the median of ``--repeats`` runs of:
+Writes one CSV and one Parquet file with ``custseg.io.generated.generate_file``, then times, each case in
+a fresh process (so peak memory is its own), the median of ``--repeats`` runs of:
 
 - ``profile_file``: what ``custseg inspect`` computes (streamed above 64 MB);
 - ``load_dataset``: what training does before fitting (pandas read + ``validate_frame``), a baseline;

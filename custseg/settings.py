@@ -156,6 +156,26 @@ class Settings(BaseSettings):
     feedback_timeout_seconds: float = Field(default=5.0, gt=0)
     """Longest wait for the prediction log to store feedback before the API answers 503."""
 
+    # -- segment snapshots and analytics (issue 13) -----------------------------------------------
+
+    snapshots_uri: str | None = None
+    """Folder (or ``file://`` URI; Spark also takes ``hdfs://``, ``s3a://``...) holding segment snapshots as
+    ``date=YYYY-MM-DD/part-*.parquet``; ``<home>/snapshots`` when unset."""
+
+    snapshot_experiment_name: str = "customer-segments-snapshots"
+    """MLflow experiment where each recorded snapshot logs its segment counts and shares (a run per date)."""
+
+    segment_share_shift: float = Field(default=0.05, gt=0, le=1)
+    """Largest change in a segment's share between the last two snapshots that `custseg monitor` accepts;
+    a bigger one is reported as a shift."""
+
+    # -- explanations: importance monitoring (issue 12) -------------------------------------------
+
+    importance_shift_threshold: float = Field(default=0.05, gt=0, le=1)
+    """`custseg monitor` flags a feature whose share of the total importance (mean |contribution| to the
+    predicted segment, exact Tree SHAP) moved by at least this much between the training reference and
+    the current window (0.05 = five percentage points)."""
+
     @field_validator(
         "api_keys",
         "cors_origins",
@@ -171,7 +191,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("tracking_uri", "prediction_log_url", mode="before")
+    @field_validator("tracking_uri", "prediction_log_url", "snapshots_uri", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -45,6 +45,7 @@ COMMAND_GUIDES: dict[str, tuple[str, str]] = {
     "monitor": ("Drift", "operations/drift.md"),
     "feedback": ("Prediction log and feedback", "operations/monitoring.md#feedback-the-true-segments-later"),
     "retrain": ("Retraining", "operations/retraining.md"),
+    "explain": ("Why this segment? Explanations", "guides/explanations.md"),
 }
 
 

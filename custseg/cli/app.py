@@ -1,4 +1,4 @@
-"""The `custseg` command: thin adapters that parse options, call one core function and print."""
+"""The Typer app behind the `custseg` command, its global options, and ``main`` (no tracebacks)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `custseg` command: thin adapters that parse options, call one core function and print."""
+"""`custseg generate` and `custseg inspect`: synthetic data out, a data profile of a file in."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The `custseg` command: thin adapters that parse options, call one core function and print."""
+"""`custseg monitor` and `custseg feedback`: drift and realised performance, true segments in.
+
+Commands import the workflows inside their functions so that ``custseg --help`` and the other commands
+start without MLflow and scikit-learn (seconds of import time).
+"""
 
 from __future__ import annotations
 
@@ -156,6 +160,56 @@ def _print_monitor_table(report: dict[str, Any]) -> None:
         )
     else:
         console.print("realised performance: no feedback (true segments) in this window")
+    _print_importance(report.get("importance") or {})
+    _print_segment_shares(report.get("segment_shares") or {})
+
+
+def _print_segment_shares(block: dict[str, Any]) -> None:
+    """Segment shares of the last two snapshots against the configured bound (issue 13)."""
+    if block.get("status") not in ("ok", "shift"):
+        if block:
+            console.print(f"segment shares: not compared ({escape(str(block.get('reason')))})")
+        return
+    changes = " · ".join(f"{s} {r['earlier']:.1%} → {r['later']:.1%}" for s, r in block["segments"].items())
+    head = f"segment shares {block['from']} → {block['to']}: {changes}"
+    if block["shifted"]:
+        shifted = ", ".join(block["shifted"])
+        console.print(f"[bold red]SEGMENT SHIFT[/] (> {block['bound']:.1%}) in {shifted}; {head}")
+    else:
+        console.print(f"[green]no segment shift[/] (≤ {block['bound']:.1%}); {head}")
+
+
+def _print_importance(block: dict[str, Any]) -> None:
+    """Feature importance (mean |contribution| to the predicted segment): reference vs current window."""
+    if not block.get("available"):
+        if block:
+            console.print(f"importance: not compared ({escape(str(block.get('reason')))})")
+        return
+    title = (
+        f"importance: mean |contribution| to the predicted segment ({block['output']}), "
+        f"{block['n_reference']:,} training rows vs {block['n_current']:,} current rows"
+    )
+    table = Table(title=title)
+    for column in ("feature", "reference", "current", "change", "share ref → cur", "flag"):
+        table.add_column(column, justify="left" if column in ("feature", "flag") else "right")
+    for name, r in block["features"].items():
+        flag = "[red]moved[/]" if name in block["flagged"] else ""
+        table.add_row(
+            name,
+            f"{r['reference']:.4f}",
+            f"{r['current']:.4f}",
+            f"{r['change']:+.4f}",
+            f"{r['reference_share']:.1%} → {r['current_share']:.1%}",
+            flag,
+        )
+    console.print(table)
+    if not block["judged"]:
+        console.print("[yellow]importance: window too small to flag moves[/]")
+    elif block["flagged"]:
+        moved = ", ".join(block["flagged"])
+        console.print(f"[bold red]IMPORTANCE MOVED[/] (share change ≥ {block['threshold']:g}): {moved}")
+    else:
+        console.print(f"[green]no importance moves[/] (share change < {block['threshold']:g})")
 
 
 def _fmt_g(value: object) -> str:
@@ -175,7 +229,7 @@ def feedback(
     reported and not written twice."""
     from custseg.errors import DataError
     from custseg.io.tables import load_table
-    from custseg.predlog.store import PredictionLog
+    from custseg.predlog import PredictionLog
 
     frame = load_table(file)
     if "customer_segment" not in frame or not ({"request_id", "customer_id"} & set(frame.columns)):

@@ -1,4 +1,8 @@
-"""The `custseg` command: thin adapters that parse options, call one core function and print."""
+"""`custseg score`: batch scoring of a file or folder with the champion (local engine or Spark).
+
+Commands import the workflows inside their functions so that ``custseg --help`` and a cached model start
+without MLflow and scikit-learn (seconds of import time).
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,18 @@ def score(
             "spreadsheet-formula guard). Only for files no spreadsheet will open.",
         ),
     ] = False,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--snapshot",
+            metavar="DATE",
+            help="Also record the scored customers as the snapshot of this date (YYYY-MM-DD) for "
+            "`custseg segments`.",
+        ),
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Record --snapshot again when that date is already recorded.")
+    ] = False,
 ) -> None:
     """Score every customer in INPUT with the champion into OUTPUT, streaming in bounded memory.
 
@@ -59,6 +75,9 @@ def score(
     from custseg.workflows.batch import DEFAULT_CHUNK_ROWS, EXIT_REJECTED, BatchProgress, score_file
 
     settings = Settings().model_copy(update={"model_uri": model} if model else {})
+    from custseg.cli.segments import snapshot_recorder
+
+    recorder = snapshot_recorder(settings, snapshot, replace=replace, engine=engine)
     if engine == "spark":
         from custseg.workflows.spark import score_with_spark
 
@@ -73,6 +92,7 @@ def score(
             model_uri=settings.model_uri,
             rejects=rejects,
             chunk_rows=chunk_rows if chunk_rows != DEFAULT_CHUNK_ROWS else None,
+            snapshot=recorder.spark_sink() if recorder else None,
         )
     elif engine == "local":
         from custseg.registry.cache import load_batch_scorer
@@ -106,6 +126,7 @@ def score(
                 strict=strict,
                 on_progress=on_progress,
                 raw_csv=raw_csv,
+                snapshot=recorder.local_writer() if recorder else None,
             )
     else:
         raise typer.BadParameter("use local or spark", param_hint="--engine")
@@ -119,6 +140,8 @@ def score(
     )
     console.print(f"segments: {counts}", highlight=False)
     console.print(f"output: {escape(summary.output)}", highlight=False)
+    if recorder is not None:
+        recorder.finish(summary)
     if summary.rows_rejected:
         console.print(
             f"[yellow]rejects: {escape(str(summary.rejects))}[/] ({summary.rows_rejected:,} rows; "

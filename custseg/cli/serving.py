@@ -1,4 +1,4 @@
-"""The `custseg` command: thin adapters that parse options, call one core function and print."""
+"""`custseg serve` (the HTTP API) and `custseg ui` (the MLflow UI)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ def serve(
     ] = "info",
 ) -> None:
     """Serve the champion over HTTP (POST /predict, /score; GET /health/ready, /model, /metrics, /docs)."""
+    from custseg.predlog.store import check_driver
     from custseg.serving.server import check_bind, run_server
 
     overrides: dict[str, object] = {}
@@ -81,6 +82,8 @@ def serve(
         overrides["model_poll_seconds"] = poll_seconds
     settings = Settings().model_copy(update=overrides)
     check_bind(host, settings, insecure=insecure)
+    if settings.prediction_log_enabled:  # a missing database driver stops here, not in every worker
+        check_driver(settings.effective_prediction_log_url)
     err_console.print(
         f"custseg API on http://{host}:{port} (docs at /docs); Ctrl-C or SIGTERM stops it", soft_wrap=True
     )

@@ -1,4 +1,8 @@
-"""The `custseg` command: thin adapters that parse options, call one core function and print."""
+"""`custseg train`, `custseg retrain`, `custseg models` and `custseg promote`: the registry's life cycle.
+
+Commands import the workflows inside their functions so that ``custseg --help`` starts without MLflow and
+scikit-learn (seconds of import time).
+"""
 
 from __future__ import annotations
 
@@ -88,6 +92,7 @@ def train(
     console.print(f"logged run {registration.run_id} (experiment {registration.experiment_id})")
     batch = "; batches by the compiled forest" if registration.bundle_meta.get("forest") else ""
     console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}{batch}")
+    console.print(explainer_summary(registration.bundle_meta.get("explainer") or {}), highlight=False)
     colour = "green" if decision.alias == "champion" else "yellow"
     console.print(f"[{colour}]alias {decision.alias}[/]: {escape(decision.reason)}")
     refresh_champion(settings)
@@ -169,3 +174,16 @@ def retrain(
         f"recorded in MLflow run {reg.run_id}; a running API picks a new champion up on its next poll"
     )
     refresh_champion(settings)
+
+
+def explainer_summary(check: dict[str, object]) -> str:
+    """One line on whether the new version is explainable, and what its explainer was checked against."""
+    if not check.get("passed"):
+        reason = escape(str(check.get("reason") or "no explainer was built"))
+        return f"[yellow]explanations: not available[/] ({reason})"
+    additivity = f"additivity error {check['max_additivity_error']:.1e} on {check['rows']:,} rows"
+    if check.get("reference_check") == "passed":
+        reference = f"equal to shap {check['shap_version']} within {check['max_abs_diff_vs_shap']:.1e}"
+    else:
+        reference = f"[yellow]reference check {escape(str(check.get('reference_check')))}[/]"
+    return f"[green]explanations: exact[/] ({check['output']}; {reference}; {additivity})"

@@ -1,9 +1,11 @@
-"""Drift and performance monitoring: reference statistics, drift tests, realised performance, reports.
+"""Drift and realised-performance statistics: pure functions, DataFrames in, dicts out (no MLflow, no files).
 
-The core is pure (DataFrames in, dicts out): ``reference_statistics`` (at training time),
-``drift_report``, ``realised_performance``, ``daily_performance``. The I/O layer below it loads the
-champion's reference from MLflow, the current window from the prediction log or a file, writes the HTML
-report and logs a monitoring run; ``LiveMonitor`` keeps the API's drift gauges up to date.
+``reference_statistics`` summarises the training rows when a model is trained (bins, category shares,
+predicted classes); ``drift_report`` compares a current window with that reference feature by feature
+(two-sample KS or chi-square, PSI, a second effect size, judged by `DriftThresholds`);
+``realised_performance`` and ``daily_performance`` score predictions against feedback. Loading the
+reference and the window, the HTML report and the MLflow run are `custseg.workflows.monitor`'s job; the
+API's live gauges are `custseg.serving.live`'s.
 """
 
 from __future__ import annotations

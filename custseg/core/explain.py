@@ -1,4 +1,5 @@
-"""Explanation maths: reason codes, top-K reasons, their sentences, and global importance.
+"""Explanation maths: reason codes, top-K reasons, their sentences, global importance, and the
+importance profiles `custseg monitor` compares (reference against current window).
 
 Pure functions over arrays of contributions ``(rows, features)`` or ``(rows, classes, features)`` whose
 features follow `custseg.schema.FEATURE_NAMES` (what `scoring.explainer` produces). A reason code names a
@@ -133,3 +134,135 @@ def global_importance(contributions: np.ndarray, classes: Sequence[str]) -> pd.D
         )
     mean = np.abs(contributions).mean(axis=0) if len(contributions) else np.zeros(contributions.shape[1:])
     return pd.DataFrame(mean.T, index=pd.Index(schema.FEATURE_NAMES, name="feature"), columns=list(classes))
+
+
+# --- many rows at once: what the Scorer returns ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentExplanation:
+    """Why one customer got their segment: the base value and the top reasons, largest |c| first."""
+
+    segment: str
+    base_value: float
+    reasons: list[Reason]
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON shape of the API's ``explanations`` items."""
+        return {
+            "segment": self.segment,
+            "base_value": self.base_value,
+            "reasons": [
+                {
+                    "code": r.code,
+                    "feature": r.feature,
+                    "value": r.value,
+                    "contribution": r.contribution,
+                    "text": r.text,
+                }
+                for r in self.reasons
+            ],
+        }
+
+
+def display_values(columns: Mapping[str, np.ndarray], n: int) -> list[list[float | int | str]]:
+    """Per feature (schema order), the customers' values as people wrote them: integers as ``int``,
+    float32 inputs as their shortest decimal (``467.33``, not ``467.3299865722656``), text as text."""
+    out: list[list[float | int | str]] = []
+    for feature in schema.FEATURES:
+        raw = np.asarray(columns[feature.name]).ravel()[:n]
+        if not feature.is_numeric:
+            out.append([str(v) for v in raw])
+        elif feature.kind == "int":
+            out.append([int(v) for v in raw.astype(np.float64)])
+        else:  # numpy prints a float32 as the shortest text that reads back to the same float32
+            out.append([float(v) for v in raw.astype(np.float32).astype(str)])
+    return out
+
+
+def explain_rows(
+    columns: Mapping[str, np.ndarray],
+    segments: Sequence[str],
+    base_values: np.ndarray,
+    contributions: np.ndarray,
+    k: int,
+) -> list[SegmentExplanation]:
+    """The top ``k`` reasons of every row: ``contributions`` ``(rows, features)`` towards ``segments``
+    (one per row, e.g. the predicted one), ``base_values`` ``(rows,)``; the ranking is one vectorised
+    sort, only the k chosen reasons per row become objects."""
+    contributions = np.asarray(contributions, dtype=np.float64)
+    n = len(contributions)
+    top = top_indices(contributions, k) if n else np.zeros((0, k), dtype=np.intp)
+    chosen = np.take_along_axis(contributions, top, axis=1).tolist()
+    values = display_values(columns, n)
+    names = schema.FEATURE_NAMES
+    bases = np.asarray(base_values, dtype=np.float64).tolist()
+    out = []
+    for row in range(n):
+        row_reasons = []
+        for index, contribution in zip(top[row].tolist(), chosen[row], strict=True):
+            feature, value = names[index], values[index][row]
+            row_reasons.append(
+                Reason(
+                    code=reason_code(feature, contribution),
+                    feature=feature,
+                    value=value,
+                    contribution=contribution,
+                    text=reason_text(feature, value, contribution),
+                )
+            )
+        out.append(SegmentExplanation(str(segments[row]), bases[row], row_reasons))
+    return out
+
+
+# --- importance for monitoring: how much each feature drives the segments customers get ---------------
+
+
+def importance_profile(
+    contributions: np.ndarray, predicted: np.ndarray | Sequence[int], classes: Sequence[str]
+) -> dict[str, object]:
+    """Reference or current importance of a set of rows, as stored in the reference statistics.
+
+    ``contributions`` ``(rows, classes, features)``; ``predicted`` the class index given to each row.
+    ``features``: mean |contribution to the row's predicted segment| per feature (what drives the
+    segments customers actually get); ``by_segment``: `global_importance` (every segment, every row).
+    """
+    contributions = np.asarray(contributions, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.intp)
+    own = contributions[np.arange(len(contributions)), predicted] if len(contributions) else None
+    mean = np.abs(own).mean(axis=0) if own is not None else np.zeros(len(schema.FEATURE_NAMES))
+    table = global_importance(contributions, classes)
+    return {
+        "rows": len(contributions),
+        "features": dict(zip(schema.FEATURE_NAMES, mean.tolist(), strict=True)),
+        "by_segment": {str(c): table[c].to_dict() for c in table.columns},
+    }
+
+
+def importance_shift(
+    reference: Mapping[str, float], current: Mapping[str, float], threshold: float
+) -> dict[str, dict[str, float | bool]]:
+    """Per feature: reference and current mean |contribution|, their change, each one's share of the
+    total, the share's change, and ``flagged`` when the share moved by at least ``threshold``.
+
+    Shares make the flag independent of the output's units (probability or log-odds) and of a window
+    whose contributions are all a little larger or smaller: what is flagged is a feature that now
+    weighs more, or less, against the others.
+    """
+    ref = np.asarray([float(reference.get(f, 0.0)) for f in schema.FEATURE_NAMES])
+    cur = np.asarray([float(current.get(f, 0.0)) for f in schema.FEATURE_NAMES])
+    ref_share = ref / ref.sum() if ref.sum() > 0 else np.zeros_like(ref)
+    cur_share = cur / cur.sum() if cur.sum() > 0 else np.zeros_like(cur)
+    out: dict[str, dict[str, float | bool]] = {}
+    for i, feature in enumerate(schema.FEATURE_NAMES):
+        share_change = float(cur_share[i] - ref_share[i])
+        out[feature] = {
+            "reference": float(ref[i]),
+            "current": float(cur[i]),
+            "change": float(cur[i] - ref[i]),
+            "reference_share": float(ref_share[i]),
+            "current_share": float(cur_share[i]),
+            "share_change": share_change,
+            "flagged": bool(abs(share_change) >= threshold),
+        }
+    return out

@@ -1,18 +1,7 @@
-"""Load and validate customer data (CSV / Parquet), and generate look-alike synthetic customers.
+"""Look-alike synthetic customers: the generator, the labelling rule, label noise and drift.
 
-Loading
--------
-``load_table`` reads a file into a DataFrame and turns every reading failure (missing file, unknown
-extension, corrupt file, no rows) into a :class:`~custseg.errors.DataError` whose message says what is
-wrong and how to fix it. ``validate_frame`` checks a frame against :mod:`custseg.schema` and reports
-*every* problem at once in one :class:`~custseg.errors.DataValidationError` (problems of one kind in one
-column are aggregated: a count, the first row numbers and a few example values). ``row_problems`` gives
-the same checks per row (for batch scoring, which sends bad rows to a rejects file); both use the one
-set of rules in ``check_feature``.
-
-The generator
--------------
-``generate`` / ``write_generated`` produce customers that look like the original 1,000-row file:
+``generate`` produces customers that look like the original 1,000-row file (writing them to a file is
+`custseg.io.generated`'s job):
 
 * age uniform int 18–69; gender Male/Female 50/50; annual_income uniform int 20,000–150,000;
   total_spent uniform 100–50,000 (2 decimals); num_purchases uniform int 1–199; avg_purchase_value

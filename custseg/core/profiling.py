@@ -1,17 +1,17 @@
-"""Inspect a customer data file before training: structure, problems, class balance, separating features.
+"""Profiling customer data in bounded memory: structure, problems, class balance, separating features.
 
-The core is pure: :class:`ProfileBuilder` takes DataFrame chunks (any number, in file order) and
-accumulates counts, so a file of any size is profiled in bounded memory; :func:`profile` and
-:func:`profile_chunks` wrap it. Only three things grow with the file: one 64-bit hash per row for
-duplicate rows, one per row for duplicate ids (16 bytes a row together), and nothing else — the
-distributions, the correlation view and the feature ranking use a bounded uniform random sample of
-valid rows (bottom-k on random keys, the same sample whatever the chunk size for a given seed).
+:class:`ProfileBuilder` takes DataFrame chunks (any number, in file order) and accumulates counts, so
+a file of any size is profiled in bounded memory; :func:`profile` and :func:`profile_chunks` wrap it.
+Only two things grow with the file: one 64-bit hash per row for duplicate rows and one per row for
+duplicate ids (16 bytes a row together) — the distributions, the correlation view and the feature
+ranking use a bounded uniform random sample of valid rows (bottom-k on random keys, the same sample
+whatever the chunk size for a given seed).
 
-Every cell is checked by the same rules training applies (``custseg.core.validation``: the per-feature checks
-behind ``validate_frame`` / ``row_problems``, ``missing_columns``, ``unknown_columns``); this module only
-counts and locates what those rules find. :func:`read_chunks` is the I/O edge: small files go through
-``custseg.io.tables.load_table`` (exactly how training reads them), large ones stream through pyarrow.
-:func:`render_html` turns a profile into a self-contained HTML page (inline PNGs, no external assets).
+Every cell is checked by the same rules training applies (``custseg.core.validation``: the per-feature
+checks behind ``validate_frame`` / ``row_problems``, ``missing_columns``, ``unknown_columns``); this module
+only counts and locates what those rules find. The result types and the balance and separation
+judgements are in :mod:`custseg.core.profile_results`; reading files is the caller's
+(``custseg.workflows.inspect``), the HTML report is ``custseg.reports.profile``'s.
 """
 
 from __future__ import annotations
@@ -19,163 +19,32 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 
 from custseg import schema
-from custseg.core.training import MIN_CV_FOLDS, TEST_SIZE, check_trainable
+from custseg.core.profile_results import (
+    EXAMPLES_SHOWN,
+    ROWS_SHOWN,
+    SAMPLE_ROWS,
+    SEPARATION_METHOD,
+    ClassBalance,
+    ColumnInfo,
+    DataProfile,
+    FeatureStats,
+    Finding,
+    class_balance,
+    separation,
+)
 from custseg.core.validation import check_feature, check_ids, check_labels, missing_columns, unknown_columns
-from custseg.errors import DataError, TrainingError
+from custseg.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-
-SAMPLE_ROWS = 10_000
-"""Valid rows kept (uniformly at random) for the plots, correlations and the feature ranking."""
-ROWS_SHOWN = 10
-"""Row numbers listed per finding (the count is always complete)."""
-EXAMPLES_SHOWN = 3
-MIN_CLASS_ROWS = 10
-"""Below this many rows a segment is too small to learn reliably."""
-MIN_HOLDOUT_ROWS = 5
-"""Below this many held-out rows a segment's recall moves in steps of 20 points or more."""
-STREAM_ABOVE_BYTES = 64 * 1024 * 1024
-"""Files larger than this are streamed in chunks instead of read whole with ``load_table``."""
-CHUNK_ROWS = 200_000
-SEPARATION_METHOD = "mutual information (sklearn mutual_info_classif, nats) on the random sample"
-# pyarrow's defaults mirror pandas' NA strings; pandas also reads these two as missing.
-_NULL_STRINGS = [*pa_csv.ConvertOptions().null_values, "<NA>", "None"]
-
-
-@dataclass
-class ColumnInfo:
-    """One column as read, like a line of ``DataFrame.info()``."""
-
-    position: int
-    name: str
-    role: str  # "id", "feature", "label" or "unknown"
-    dtype: str
-    non_null: int
-    memory_bytes: int
-
-
-@dataclass
-class Finding:
-    """One problem (a kind of problem in one column), listed once, with where it is.
-
-    ``rows`` are 1-based data-row numbers (header not counted), the first ``ROWS_SHOWN``; ``count`` is
-    complete. ``first_seen`` (duplicates only) gives, per listed row, the earlier row it repeats.
-    """
-
-    column: str | None
-    kind: str
-    count: int
-    rows: list[int] = field(default_factory=list)
-    examples: list[str] = field(default_factory=list)
-    expected: str = ""
-    first_seen: list[int] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        where = f"column '{self.column}'" if self.column else "file"
-        parts = [f"{where}: {self.count:,} {self.kind}" if self.count else f"{where}: {self.kind}"]
-        if self.examples:
-            parts.append(f"e.g. {', '.join(self.examples)}")
-        if self.expected:
-            parts.append(f"expected {self.expected}")
-        if self.rows:
-            shown = ", ".join(
-                f"{r} (= row {f})" if self.first_seen else str(r)
-                for r, f in zip(self.rows, self.first_seen or self.rows, strict=True)
-            )
-            more = f" … (first {len(self.rows)} of {self.count:,})" if self.count > len(self.rows) else ""
-            parts.append(f"row{'s' if self.count > 1 else ''} {shown}{more}")
-        return "; ".join(parts)
-
-
-@dataclass
-class FeatureStats:
-    """Values of one schema feature against its domain."""
-
-    name: str
-    kind: str
-    domain: str
-    valid: int = 0
-    empty: int = 0
-    wrong_type: int = 0
-    not_integer: int = 0
-    out_of_domain: int = 0
-    minimum: float | None = None
-    maximum: float | None = None
-    mean: float | None = None
-    std: float | None = None
-    categories: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def in_domain(self) -> bool:
-        return not (self.empty or self.wrong_type or self.not_integer or self.out_of_domain)
-
-
-@dataclass
-class ClassBalance:
-    """Rows per segment and what they allow (the rules are ``custseg.train``'s)."""
-
-    counts: dict[str, int]
-    empty: int
-    unknown: int
-    trainable: bool
-    cv_folds: int | None
-    verdict: str
-    warnings: list[str]
-
-
-@dataclass
-class DataProfile:
-    """Everything ``custseg inspect`` reports about one data set."""
-
-    source: str
-    rows: int
-    columns: list[ColumnInfo]
-    missing_columns: list[str]
-    unknown_columns: list[str]
-    features: list[FeatureStats]
-    findings: list[Finding]
-    invalid_rows: int
-    """Rows training's validation rejects for a cell (empty, wrong type, out of domain, bad label or id)."""
-    duplicate_rows: int
-    duplicate_ids: int
-    balance: ClassBalance | None
-    separation: dict[str, float]
-    separation_method: str
-    sample: pd.DataFrame = field(repr=False)
-
-    @property
-    def memory_bytes(self) -> int:
-        return sum(c.memory_bytes for c in self.columns)
-
-    @property
-    def has_problems(self) -> bool:
-        return bool(self.findings)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view (the random sample is left out)."""
-        out = {k: v for k, v in asdict(self).items() if k != "sample"}
-        out["memory_bytes"] = self.memory_bytes
-        out["has_problems"] = self.has_problems
-        out["sample_rows"] = len(self.sample)
-        for stats, raw in zip(self.features, out["features"], strict=True):
-            raw["in_domain"] = stats.in_domain
-        return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Accumulating over chunks
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -563,74 +432,6 @@ def _first_occurrence(hashes: np.ndarray) -> np.ndarray:
     """For each position, the position of the first equal value."""
     _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     return first[inverse]
-
-
-def class_balance(
-    counts: dict[str, int], *, cv_folds: int = 5, empty: int = 0, unknown: int = 0
-) -> ClassBalance:
-    """Judge segment sizes with training's own rules (``custseg.core.training.check_trainable``)."""
-    present = {k: v for k, v in counts.items() if v > 0}
-    # check_trainable only looks at how small the classes are; capping keeps its frame tiny.
-    cap = 1000
-    frame = pd.DataFrame(
-        {schema.LABEL_COLUMN: np.repeat(list(present), [min(v, cap) for v in present.values()])}
-    )
-    try:
-        folds: int | None = check_trainable(frame, cv_folds)
-        verdict = f"trainable: {folds}-fold stratified CV after the {1 - TEST_SIZE:.0%}/{TEST_SIZE:.0%} split"
-    except TrainingError as exc:
-        folds, verdict = None, f"not trainable: {exc}"
-    warnings = []
-    for label in schema.LABELS:
-        n = counts.get(label, 0)
-        if n == 0:
-            warnings.append(f"{label}: no rows — a model trained on this data can never predict it.")
-            continue
-        in_training = int(np.floor(n * (1 - TEST_SIZE)))
-        held_out = n - in_training
-        reasons = []
-        if n < MIN_CLASS_ROWS:
-            reasons.append(f"fewer than {MIN_CLASS_ROWS} rows is too few to learn it reliably")
-        if in_training < MIN_CV_FOLDS:
-            reasons.append(
-                f"only {in_training} would stay for training after the {TEST_SIZE:.0%} hold-out, fewer than "
-                f"the {MIN_CV_FOLDS} stratified CV folds training needs"
-            )
-        elif in_training < cv_folds:
-            reasons.append(
-                f"only {in_training} would stay for training after the {TEST_SIZE:.0%} hold-out, so "
-                f"{cv_folds}-fold CV is reduced to {max(MIN_CV_FOLDS, in_training)} folds"
-            )
-        if held_out < MIN_HOLDOUT_ROWS:
-            reasons.append(
-                f"about {held_out} would be held out, so its held-out recall moves in steps of "
-                f"{100 / held_out:.0f} points and cannot be evaluated reliably"
-            )
-        if reasons:
-            warnings.append(f"{label} has only {n} row(s): " + "; ".join(reasons) + ".")
-    return ClassBalance(dict(counts), empty, unknown, folds is not None, folds, verdict, warnings)
-
-
-def separation(sample: pd.DataFrame, seed: int = 0) -> dict[str, float]:
-    """Mutual information of each feature with the segment on a sample of valid rows, highest first."""
-    if len(sample) < 20 or schema.LABEL_COLUMN not in sample or sample[schema.LABEL_COLUMN].nunique() < 2:
-        return {}
-    from sklearn.feature_selection import mutual_info_classif
-
-    x = pd.DataFrame(
-        {
-            f.name: (sample[f.name] == f.categories[-1]).astype(float)
-            if not f.is_numeric and f.categories
-            else sample[f.name].astype(float)
-            for f in schema.FEATURES
-        }
-    )
-    discrete = [not f.is_numeric or f.name == "loyalty_program" for f in schema.FEATURES]
-    scores = mutual_info_classif(
-        x.to_numpy(), sample[schema.LABEL_COLUMN].to_numpy(), discrete_features=discrete, random_state=seed
-    )
-    ranked = sorted(zip(schema.FEATURE_NAMES, map(float, scores), strict=True), key=lambda kv: -kv[1])
-    return dict(ranked)
 
 
 def profile_chunks(chunks: Iterable[pd.DataFrame], source: str = "data", **options: Any) -> DataProfile:

@@ -1,6 +1,7 @@
 """Training: one sklearn Pipeline per candidate, selection by cross-validated macro-F1, honest evaluation.
 
-Pure core: takes a validated DataFrame, returns a `TrainingResult`. MLflow lives in `registry`.
+Pure core: takes a validated DataFrame, returns a `TrainingResult`; logging and registering it is
+`custseg.workflows.train`'s job.
 """
 
 from __future__ import annotations

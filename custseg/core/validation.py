@@ -1,40 +1,10 @@
-"""Load and validate customer data (CSV / Parquet), and generate look-alike synthetic customers.
+"""Validation of customer rows against the feature contract (`custseg.schema`), every problem at once.
 
-Loading
--------
-``load_table`` reads a file into a DataFrame and turns every reading failure (missing file, unknown
-extension, corrupt file, no rows) into a :class:`~custseg.errors.DataError` whose message says what is
-wrong and how to fix it. ``validate_frame`` checks a frame against :mod:`custseg.schema` and reports
-*every* problem at once in one :class:`~custseg.errors.DataValidationError` (problems of one kind in one
-column are aggregated: a count, the first row numbers and a few example values). ``row_problems`` gives
-the same checks per row (for batch scoring, which sends bad rows to a rejects file); both use the one
-set of rules in ``check_feature``.
-
-The generator
--------------
-``generate`` / ``write_generated`` produce customers that look like the original 1,000-row file:
-
-* age uniform int 18–69; gender Male/Female 50/50; annual_income uniform int 20,000–150,000;
-  total_spent uniform 100–50,000 (2 decimals); num_purchases uniform int 1–199; avg_purchase_value
-  uniform 10–1,000 (2 decimals); online_activity_score uniform 0–100 (4 decimals); loyalty_program
-  Bernoulli(0.30); days_since_last_purchase uniform int 0–365; num_site_visits uniform int 1–99;
-  customer_id ``CUST_0001``-style (zero-padded to at least 4 digits, wider when the row count needs it).
-
-The labelling rule (``label_customers``), which labels all 26 known rows of the original correctly:
-
-* ``low_value``    if total_spent < 4300 and num_purchases < 20 and days_since_last_purchase > 50
-* else ``high_value`` if loyalty_program == 1 and total_spent > 20000 and num_purchases >= 50
-* else ``medium_value``.
-
-This gives about 858 medium / 136 high / 7 low per 1,000 rows, like the original.
-
-Label noise: a fraction ``label_noise`` (default 0.5%) of the rows, chosen at random, is moved to a
-neighbouring class: low→medium, high→medium, medium→high. Noise never *creates* ``low_value`` rows: the
-low class is only ~0.7% of the data, so flipping a random 0.5% of all rows into it would make roughly
-40% of the low class noise and swamp the signal a model is meant to learn.
-
-Drift (``Drift``) shifts feature distributions for monitoring tests; labels are computed by the same rule
-on the drifted features.
+``validate_frame`` checks a DataFrame and reports *every* problem in one
+:class:`~custseg.errors.DataValidationError` (problems of one kind in one column are aggregated: a count,
+the first row numbers and a few example values). ``row_problems`` gives the same checks per row (batch
+scoring sends bad rows to a rejects file); both use the one set of rules in ``check_feature``. Pure: it
+sees DataFrames only; reading files is `custseg.io.tables`' job.
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
-"""Batch scoring of whole customer tables: streaming CSV/Parquet on one machine, or Spark.
+"""Spreadsheet-safe CSV (OWASP "CSV injection"): text a spreadsheet would evaluate gets a leading quote.
 
-The local engine (:func:`score_file`) reads the input in chunks (``pyarrow.csv.open_csv`` or
-``ParquetFile.iter_batches``), checks each chunk with the shared rules (:func:`custseg.core.validation.row_problems`,
-:func:`custseg.core.validation.validate_frame`), scores the valid rows through the one scoring path
-(``Scorer.score_columns(to_columns(frame))``) and writes them with pyarrow's CSV or Parquet writer.
-Memory is bounded by the chunk size, not by the file size.
-
-- CSV columns are read as text, so a bad value (``"abc"`` in ``age``) becomes a rejected row with a
-  reason instead of a reader crash; records with the wrong number of fields are rejected too.
-- Rows are numbered 1-based in input order, header not counted (blank CSV lines are not rows).
-- ``customer_id`` is required: a file without the column stops at once, a row with an empty id is
-  rejected. Ids are not checked for uniqueness (that would need memory proportional to the file).
-- Output and rejects are written under temporary names in their folders and renamed when complete, so
-  a failure never leaves a half-written file under the real name. Paths that overlap (the output or
-  rejects is, holds or sits inside the input, or each other) are refused first (:func:`check_paths`).
-- CSV outputs are spreadsheet-safe: a text cell starting with ``=``, ``+``, ``-``, ``@``, tab or CR
-  (after any whitespace, full-width forms too) gets a leading ``'`` (:func:`spreadsheet_safe`), unless
-  ``raw_csv``. Parquet keeps values as they are.
-- Numbers beyond the schema's domain, open ends capped at ``schema.NUMBER_CAP`` like the API's
-  (``1e300``, ``inf``), are rejected rows whose reason names the column.
-
-The Spark engine lives in :mod:`custseg.workflows.spark` (pyspark is optional); it scores each partition
-through the same :func:`score_chunk`.
+A cell starting with ``=``, ``+``, ``-``, ``@``, tab or CR (after any whitespace a spreadsheet may trim,
+full-width forms too) is written as ``'`` + the cell. Every CSV custseg writes from user data goes
+through :func:`spreadsheet_safe` unless the user asks for raw output; Parquet keeps values as they are.
 """
 
 from __future__ import annotations
@@ -31,13 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def _is_text(kind: pa.DataType) -> bool:
+def is_text(kind: pa.DataType) -> bool:
+    """True for Arrow's string types (the only cells a spreadsheet could evaluate)."""
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
-
-# --------------------------------------------------------------------------------------------------
-# Spreadsheet-safe CSV (OWASP "CSV injection"): text a spreadsheet would evaluate gets a leading quote
-# --------------------------------------------------------------------------------------------------
 
 FORMULA_START = (
     r"^(?:[\t\r]"  # a tab or carriage return first: some spreadsheets drop it and read what follows
@@ -71,7 +49,7 @@ def spreadsheet_safe(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunke
 def _may_be_formula(array: pa.Array) -> bool:
     """False when every non-empty text cell starts with an ASCII letter, digit or ``_`` (read through
     the offsets: ~10x cheaper than the regex on a million ids); True sends the column to the regex."""
-    if not _is_text(array.type) or len(array) == 0:
+    if not is_text(array.type) or len(array) == 0:
         return False  # numbers stay numbers
     _, offsets_buffer, data_buffer = array.buffers()
     if data_buffer is None or data_buffer.size == 0:

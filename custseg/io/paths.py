@@ -1,27 +1,8 @@
-"""Batch scoring of whole customer tables: streaming CSV/Parquet on one machine, or Spark.
+"""Refusing output paths that overlap the input or each other, for both batch engines.
 
-The local engine (:func:`score_file`) reads the input in chunks (``pyarrow.csv.open_csv`` or
-``ParquetFile.iter_batches``), checks each chunk with the shared rules (:func:`custseg.core.validation.row_problems`,
-:func:`custseg.core.validation.validate_frame`), scores the valid rows through the one scoring path
-(``Scorer.score_columns(to_columns(frame))``) and writes them with pyarrow's CSV or Parquet writer.
-Memory is bounded by the chunk size, not by the file size.
-
-- CSV columns are read as text, so a bad value (``"abc"`` in ``age``) becomes a rejected row with a
-  reason instead of a reader crash; records with the wrong number of fields are rejected too.
-- Rows are numbered 1-based in input order, header not counted (blank CSV lines are not rows).
-- ``customer_id`` is required: a file without the column stops at once, a row with an empty id is
-  rejected. Ids are not checked for uniqueness (that would need memory proportional to the file).
-- Output and rejects are written under temporary names in their folders and renamed when complete, so
-  a failure never leaves a half-written file under the real name. Paths that overlap (the output or
-  rejects is, holds or sits inside the input, or each other) are refused first (:func:`check_paths`).
-- CSV outputs are spreadsheet-safe: a text cell starting with ``=``, ``+``, ``-``, ``@``, tab or CR
-  (after any whitespace, full-width forms too) gets a leading ``'`` (:func:`spreadsheet_safe`), unless
-  ``raw_csv``. Parquet keeps values as they are.
-- Numbers beyond the schema's domain, open ends capped at ``schema.NUMBER_CAP`` like the API's
-  (``1e300``, ``inf``), are rejected rows whose reason names the column.
-
-The Spark engine lives in :mod:`custseg.workflows.spark` (pyspark is optional); it scores each partition
-through the same :func:`score_chunk`.
+Output and rejects must never be, contain or sit inside the input (replacing them would overwrite or
+delete it), nor each other. :func:`check_paths` compares canonical paths before anything is read or
+written: local files by ``os.path.realpath``, Spark paths by their Hadoop-qualified URI.
 """
 
 from __future__ import annotations

@@ -1,76 +1,24 @@
-"""Load and validate customer data (CSV / Parquet), and generate look-alike synthetic customers.
+"""Reading whole CSV and Parquet tables, and the one set of messages for files custseg cannot read.
 
-Loading
--------
-``load_table`` reads a file into a DataFrame and turns every reading failure (missing file, unknown
-extension, corrupt file, no rows) into a :class:`~custseg.errors.DataError` whose message says what is
-wrong and how to fix it. ``validate_frame`` checks a frame against :mod:`custseg.schema` and reports
-*every* problem at once in one :class:`~custseg.errors.DataValidationError` (problems of one kind in one
-column are aggregated: a count, the first row numbers and a few example values). ``row_problems`` gives
-the same checks per row (for batch scoring, which sends bad rows to a rejects file); both use the one
-set of rules in ``check_feature``.
-
-The generator
--------------
-``generate`` / ``write_generated`` produce customers that look like the original 1,000-row file:
-
-* age uniform int 18–69; gender Male/Female 50/50; annual_income uniform int 20,000–150,000;
-  total_spent uniform 100–50,000 (2 decimals); num_purchases uniform int 1–199; avg_purchase_value
-  uniform 10–1,000 (2 decimals); online_activity_score uniform 0–100 (4 decimals); loyalty_program
-  Bernoulli(0.30); days_since_last_purchase uniform int 0–365; num_site_visits uniform int 1–99;
-  customer_id ``CUST_0001``-style (zero-padded to at least 4 digits, wider when the row count needs it).
-
-The labelling rule (``label_customers``), which labels all 26 known rows of the original correctly:
-
-* ``low_value``    if total_spent < 4300 and num_purchases < 20 and days_since_last_purchase > 50
-* else ``high_value`` if loyalty_program == 1 and total_spent > 20000 and num_purchases >= 50
-* else ``medium_value``.
-
-This gives about 858 medium / 136 high / 7 low per 1,000 rows, like the original.
-
-Label noise: a fraction ``label_noise`` (default 0.5%) of the rows, chosen at random, is moved to a
-neighbouring class: low→medium, high→medium, medium→high. Noise never *creates* ``low_value`` rows: the
-low class is only ~0.7% of the data, so flipping a random 0.5% of all rows into it would make roughly
-40% of the low class noise and swamp the signal a model is meant to learn.
-
-Drift (``Drift``) shifts feature distributions for monitoring tests; labels are computed by the same rule
-on the drifted features.
-
-Inspect a customer data file before training: structure, problems, class balance, separating features.
-
-The core is pure: :class:`ProfileBuilder` takes DataFrame chunks (any number, in file order) and
-accumulates counts, so a file of any size is profiled in bounded memory; :func:`profile` and
-:func:`profile_chunks` wrap it. Only three things grow with the file: one 64-bit hash per row for
-duplicate rows, one per row for duplicate ids (16 bytes a row together), and nothing else — the
-distributions, the correlation view and the feature ranking use a bounded uniform random sample of
-valid rows (bottom-k on random keys, the same sample whatever the chunk size for a given seed).
-
-Every cell is checked by the same rules training applies (``custseg.core.validation``: the per-feature checks
-behind ``validate_frame`` / ``row_problems``, ``missing_columns``, ``unknown_columns``); this module only
-counts and locates what those rules find. :func:`read_chunks` is the I/O edge: small files go through
-``custseg.io.tables.load_table`` (exactly how training reads them), large ones stream through pyarrow.
-:func:`render_html` turns a profile into a self-contained HTML page (inline PNGs, no external assets).
+The format is chosen by extension (:func:`format_by_extension`, :func:`file_format`). :func:`load_table`
+reads a whole file into a DataFrame the way training, monitoring and small ``custseg inspect`` inputs
+need it (pandas' type inference and missing-value strings; ``customer_id`` always text);
+:func:`load_dataset` adds the schema checks. The streaming reader (:mod:`custseg.io.readers`) and the
+writers (:mod:`custseg.io.writers`) live beside this module and share its checks and messages: a
+missing file, a folder, an unknown extension, an empty or corrupt file each give the same
+:class:`~custseg.errors.DataError` whichever reader meets it.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 
-from custseg.core.profiling import _NULL_STRINGS, CHUNK_ROWS, STREAM_ABOVE_BYTES
-from custseg.core.validation import (
-    validate_frame,
-)
+from custseg.core.validation import validate_frame
 from custseg.errors import DataError
-from custseg.schema import (
-    ID_COLUMN,
-)
+from custseg.schema import ID_COLUMN
 
 CSV_EXTENSIONS: tuple[str, ...] = (".csv",)
 PARQUET_EXTENSIONS: tuple[str, ...] = (".parquet", ".pq")
@@ -78,7 +26,7 @@ _SUPPORTED = ", ".join(CSV_EXTENSIONS + PARQUET_EXTENSIONS)
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading
+# Formats and the shared messages
 # --------------------------------------------------------------------------------------------------
 
 
@@ -103,6 +51,48 @@ def file_format(path: Path, reader: str = "custseg") -> str:
     )
 
 
+def check_readable(path: Path, reader: str = "custseg") -> str:
+    """The format of an existing data file, or the DataError a missing file or a folder deserves."""
+    if not path.exists():
+        raise DataError(
+            f"Cannot read '{path}': the file does not exist. Check the path (relative paths are resolved "
+            f"from {Path.cwd()}), or create sample data with `custseg generate --out {path.name}`."
+        )
+    if not path.is_file():
+        raise DataError(f"Cannot read '{path}': it is a directory, not a file. Pass the path of a data file.")
+    return file_format(path, reader)
+
+
+def empty_file(path: Path, columns: Sequence[str] = ()) -> DataError:
+    """The error for a file with no header line (zero bytes, or blank lines only)."""
+    names = f" ({', '.join(columns)})" if columns else ""
+    return DataError(
+        f"Cannot read '{path}': the file is empty (no header). Write a header line with the column "
+        f"names{names} and at least one data row."
+    )
+
+
+def unreadable(path: Path, fmt: str, exc: BaseException) -> DataError:
+    """The error for a corrupt file: the reader's own reason on one line, without a traceback."""
+    kind = "CSV" if fmt == "csv" else "Parquet"
+    detail = " ".join(str(exc).split())[:300]
+    what = (
+        "a CSV file (UTF-8 text with a header line, every record with the header's number of fields)"
+        if fmt == "csv"
+        else "a Parquet file"
+    )
+    return DataError(
+        f"Cannot read '{path}' as {kind}: the file is unreadable or corrupt ({type(exc).__name__}: "
+        f"{detail}). Check that it really is {what} and that it was written completely; re-export it "
+        "if needed."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole files
+# --------------------------------------------------------------------------------------------------
+
+
 def load_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV or Parquet file (chosen by extension) into a DataFrame.
 
@@ -111,29 +101,13 @@ def load_table(path: str | Path) -> pd.DataFrame:
     an unknown extension, an unreadable or corrupt file, and a file with no data rows.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(
-            f"Cannot read '{path}': the file does not exist. Check the path (relative paths are resolved "
-            f"from {Path.cwd()}), or create sample data with `custseg generate --out {path.name}`."
-        )
-    if not path.is_file():
-        raise DataError(f"Cannot read '{path}': it is a directory, not a file. Pass the path of a data file.")
-    fmt = file_format(path)
+    fmt = check_readable(path)
     try:
         frame = pd.read_csv(path, dtype={ID_COLUMN: str}) if fmt == "csv" else pd.read_parquet(path)
     except pd.errors.EmptyDataError:
-        raise DataError(
-            f"Cannot read '{path}': the file is empty (zero bytes, no header). Write a header line with "
-            "the column names and at least one data row."
-        ) from None
+        raise empty_file(path) from None
     except Exception as exc:  # pandas / pyarrow raise many types; none must escape as a traceback
-        kind = "CSV" if fmt == "csv" else "Parquet"
-        detail = " ".join(str(exc).split())[:300]
-        raise DataError(
-            f"Cannot read '{path}' as {kind}: the file is unreadable or corrupt ({type(exc).__name__}: "
-            f"{detail}). Check that it really is a {kind} file (UTF-8 text with a header line for CSV) "
-            "and that it was written completely; re-export it if needed."
-        ) from None
+        raise unreadable(path, fmt, exc) from None
     if len(frame) == 0:
         raise DataError(
             f"Cannot use '{path}': it has no data rows (only a header or an empty table). "
@@ -147,59 +121,3 @@ def load_dataset(path: str | Path, *, require_label: bool = True) -> pd.DataFram
     path = Path(path)
     frame = load_table(path)
     return validate_frame(frame, require_label=require_label, require_id=True, source=path.name)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading (the I/O edge)
-# --------------------------------------------------------------------------------------------------
-
-
-def read_chunks(
-    path: str | Path, *, chunk_rows: int = CHUNK_ROWS, stream_above_bytes: int = STREAM_ABOVE_BYTES
-) -> tuple[Iterator[pd.DataFrame], bool]:
-    """(chunks, text_columns) for a data file.
-
-    Files up to ``stream_above_bytes`` are read whole by ``custseg.io.tables.load_table`` (as training reads
-    them). Larger Parquet files stream by record batch; larger CSV files stream through pyarrow with
-    every column as text (``text_columns`` is then True), so a bad value deep in the file is reported
-    by the checks instead of breaking type inference.
-    """
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size <= stream_above_bytes:
-        return iter([load_table(path)]), False
-    fmt = format_by_extension(path)
-    if fmt == "parquet":
-        return _parquet_chunks(path, chunk_rows), False
-    if fmt == "csv":
-        return _csv_chunks(path), True
-    return iter([load_table(path)]), False  # load_table explains the unknown extension
-
-
-def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
-            yield batch.to_pandas()
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"Cannot read '{path}' as Parquet: {exc}") from None
-
-
-def _csv_chunks(path: Path) -> Iterator[pd.DataFrame]:
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        header = next(csv.reader(handle), [])
-    convert = pa_csv.ConvertOptions(
-        column_types=dict.fromkeys(header, pa.string()),
-        null_values=_NULL_STRINGS,
-        strings_can_be_null=True,
-    )
-    try:
-        reader = pa_csv.open_csv(
-            path, read_options=pa_csv.ReadOptions(block_size=16 << 20), convert_options=convert
-        )
-        for batch in reader:
-            yield batch.to_pandas()
-    except (pa.ArrowException, OSError) as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise DataError(
-            f"Cannot read '{path}' as CSV ({detail}). Check that every line has the header's number of "
-            "fields; pandas would refuse this file for training too."
-        ) from None

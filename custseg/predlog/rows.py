@@ -1,17 +1,8 @@
-"""The prediction log: every answered prediction, and the true segments learned later (feedback).
+"""Prediction and feedback rows: what the API and the CLI hand over, as the tables' rows.
 
-SQLAlchemy Core on SQLite (WAL, under ``CUSTSEG_HOME``) by default, or any PostgreSQL by URL
-(``CUSTSEG_PREDICTION_LOG_URL=postgresql+psycopg://...``) so that several API replicas share one log.
-
-Writing never blocks a request: ``submit`` appends to a bounded in-memory buffer and a background
-thread writes it in batches (every ``flush_seconds`` or ``batch_rows`` rows, one executemany each).
-Every database call is bounded (connect and statement timeouts, TCP keepalives, and a client-side
-wait for a database that neither answers nor fails). A batch the database refuses (a bad value, not
-a lost connection) is bisected: its good rows are stored and each refused row goes to a quarantine
-table (or a file when that fails too), counted. While the database is down or hung, rows go to a
-durable local spool (:mod:`custseg.predlog_spool`) every flush and are replayed, idempotently, when it
-answers again or at the next start; ``close`` spools whatever it cannot write within a bounded time.
-Only a hard kill (SIGKILL, power loss) loses rows: those answered in the last ``flush_seconds``.
+Pure functions, no database: API entries and scored requests become predictions rows (tuples in the
+table's column order, what the writer stores and spools); feedback records are validated into
+feedback-history rows with the server's time and the sender.
 """
 
 from __future__ import annotations
@@ -58,6 +49,11 @@ def entries_to_rows(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
             row[f"{PROBA_PREFIX}{label}"] = None if value is None else float(value)
         rows.append(row)
     return rows
+
+
+def entry_tuples(entries: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    """API entries as positional rows in ``columns`` order."""
+    return [tuple(row[c] for c in columns) for row in entries_to_rows(entries)]
 
 
 _FEATURE_VALUES = operator.attrgetter(*schema.FEATURE_NAMES)
@@ -109,8 +105,8 @@ def scored_rows(
     return rows
 
 
-def _row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    """Built rows in :meth:`PredictionLog.submit`'s entry form (what companions observe)."""
+def row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Built rows in :meth:`~custseg.predlog.PredictionLog.submit`'s entry form (what companions observe)."""
     names, labels, nf = schema.FEATURE_NAMES, schema.LABELS, _N_FEATURES
     return [
         {
@@ -201,6 +197,7 @@ def _blank_to_none(value: Any) -> str | None:
     return text or None
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in slices of at most ``size`` (an IN list per statement stays bounded)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -1,25 +1,19 @@
-"""The prediction log: every answered prediction, and the true segments learned later (feedback).
+"""The prediction log's tables and their upgrade from older custseg versions.
 
-SQLAlchemy Core on SQLite (WAL, under ``CUSTSEG_HOME``) by default, or any PostgreSQL by URL
-(``CUSTSEG_PREDICTION_LOG_URL=postgresql+psycopg://...``) so that several API replicas share one log.
-
-Writing never blocks a request: ``submit`` appends to a bounded in-memory buffer and a background
-thread writes it in batches (every ``flush_seconds`` or ``batch_rows`` rows, one executemany each).
-Every database call is bounded (connect and statement timeouts, TCP keepalives, and a client-side
-wait for a database that neither answers nor fails). A batch the database refuses (a bad value, not
-a lost connection) is bisected: its good rows are stored and each refused row goes to a quarantine
-table (or a file when that fails too), counted. While the database is down or hung, rows go to a
-durable local spool (:mod:`custseg.predlog_spool`) every flush and are replayed, idempotently, when it
-answers again or at the next start; ``close`` spools whatever it cannot write within a bounded time.
-Only a hard kill (SIGKILL, power loss) loses rows: those answered in the last ``flush_seconds``.
+Three tables per log, their names prefixed so that several logs (or tests) can share one database:
+``predictions`` (one row per answered prediction, unique on ``(request_id, row_index)``),
+``feedback_history`` (append-only true segments) and ``predictions_quarantine`` (rows the database
+refused). :func:`ensure_schema` creates them and brings tables of an older version up to date.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from custseg import schema
 
@@ -32,9 +26,22 @@ _SQL_TYPES: dict[str, Callable[[], Any]] = {
 }
 
 
-def build_tables(prefix: str = "") -> tuple[sa.MetaData, sa.Table, sa.Table]:
-    """The predictions and feedback-history tables (names prefixed with ``prefix``); the quarantine
-    table is in the same metadata."""
+@dataclass(frozen=True)
+class Tables:
+    """One log's tables, and the predictions columns a writer fills (table order, without ``id``)."""
+
+    metadata: sa.MetaData
+    predictions: sa.Table
+    feedback: sa.Table
+    quarantine: sa.Table
+
+    @property
+    def columns(self) -> list[str]:
+        return [c.name for c in self.predictions.columns if c.name != "id"]
+
+
+def build_tables(prefix: str = "") -> Tables:
+    """The predictions, feedback-history and quarantine tables (names prefixed with ``prefix``)."""
     metadata = sa.MetaData()
     predictions = sa.Table(
         f"{prefix}predictions",
@@ -73,7 +80,7 @@ def build_tables(prefix: str = "") -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Index(f"{prefix}ix_feedback_history_request", "request_id", "row_index"),
         sa.Index(f"{prefix}ix_feedback_history_customer", "customer_id"),
     )
-    sa.Table(
+    quarantine = sa.Table(
         f"{prefix}predictions_quarantine",
         metadata,
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
@@ -81,4 +88,35 @@ def build_tables(prefix: str = "") -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("reason", sa.String(200), nullable=False),
         sa.Column("row_json", sa.Text, nullable=False),  # JSON with \u escapes: any value fits
     )
-    return metadata, predictions, feedback
+    return Tables(metadata, predictions, feedback, quarantine)
+
+
+def ensure_schema(engine: Engine, tables: Tables) -> None:
+    """Create the tables if missing (safe when several replicas start at once) and add what older
+    versions lacked."""
+    try:
+        tables.metadata.create_all(engine, checkfirst=True)
+    except sa.exc.DBAPIError:
+        # Another replica may have created them between the check and the create.
+        tables.metadata.create_all(engine, checkfirst=True)
+    _upgrade_schema(engine, tables)
+
+
+def _upgrade_schema(engine: Engine, tables: Tables) -> None:
+    """Tables of an older custseg: add ``client_request_id``; copy the old one-row-per-key feedback
+    table (``<prefix>feedback``, kept as it was) into the history once."""
+    inspector = sa.inspect(engine)
+    predictions, feedback = tables.predictions, tables.feedback
+    if "client_request_id" not in {c["name"] for c in inspector.get_columns(predictions.name)}:
+        quoted = engine.dialect.identifier_preparer.format_table(predictions)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {quoted} ADD COLUMN client_request_id VARCHAR(128)")
+    legacy = feedback.name.removesuffix("_history")
+    if inspector.has_table(legacy):
+        old = sa.Table(legacy, sa.MetaData(), autoload_with=engine)
+        with engine.begin() as conn:
+            if conn.execute(sa.select(sa.func.count()).select_from(feedback)).scalar_one():
+                return
+            names = ["feedback_key", "request_id", "row_index", "customer_id", "customer_segment", "ts"]
+            query = sa.select(*[old.c[n] for n in names], sa.literal("migrated").label("source"))
+            conn.execute(sa.insert(feedback).from_select([*names, "source"], query.order_by(old.c.id)))

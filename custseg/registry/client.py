@@ -1,18 +1,13 @@
-"""Drift and performance monitoring: reference statistics, drift tests, realised performance, reports.
-
-The core is pure (DataFrames in, dicts out): ``reference_statistics`` (at training time),
-``drift_report``, ``realised_performance``, ``daily_performance``. The I/O layer below it loads the
-champion's reference from MLflow, the current window from the prediction log or a file, writes the HTML
-report and logs a monitoring run; ``LiveMonitor`` keeps the API's drift gauges up to date.
-
-MLflow: tracking runs, the model registry, and the champion/challenger aliases.
+"""The MLflow client: tracking, registered versions, the champion/challenger aliases, verified downloads.
 
 Without ``MLFLOW_TRACKING_URI`` everything lives under ``CUSTSEG_HOME``: a SQLite tracking and registry
 store (``mlflow.db``) and local artifacts (``mlartifacts/``). With it, everything goes to that server.
 
-Every registered version carries the SHA-256 of its bundle files (`custseg.verification`); every download
-is checked against them before anything in it is parsed. A registry that cannot be reached raises
-`RegistryUnavailableError`, never "no model"; URIs in messages are redacted (`custseg.redact`).
+Every registered version carries the SHA-256 of its bundle files (`custseg.scoring.verification`); every
+download is checked against them before anything in it is parsed (``download_bundle``, ``load_scorer``).
+A version's training reference for drift (statistics and rows) is downloaded here too (``load_reference``).
+A registry that cannot be reached raises `RegistryUnavailableError`, never "no model"; URIs in messages are
+redacted (`custseg.redact`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""MLflow: tracking runs, the model registry, and the champion/challenger aliases.
+"""The quality gate: a new version becomes champion only if it beats the champion on the same rows.
 
-Without ``MLFLOW_TRACKING_URI`` everything lives under ``CUSTSEG_HOME``: a SQLite tracking and registry
-store (``mlflow.db``) and local artifacts (``mlartifacts/``). With it, everything goes to that server.
-
-Every registered version carries the SHA-256 of its bundle files (`custseg.verification`); every download
-is checked against them before anything in it is parsed. A registry that cannot be reached raises
-`RegistryUnavailableError`, never "no model"; URIs in messages are redacted (`custseg.redact`).
+``apply_quality_gate`` scores the current champion on the new version's held-out rows and compares
+macro-F1 (``GATE_METRIC``): the winner gets the ``champion`` alias, a loser ``challenger``; the decision,
+its reason and both scores are recorded as version tags. ``promote`` moves the champion alias deliberately.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Invalid input raises MLflow's INVALID_PARAMETER_VALUE error naming each row and 
 ``mlflow models serve`` answers 400 with that message (and no stack trace).
 
 Before anything in the bundle is parsed, its files are checked against the SHA-256 digests recorded at
-registration in this model's own ``MLmodel`` (``model_config``); see `custseg.verification`.
+registration in this model's own ``MLmodel`` (``model_config``); see `custseg.scoring.verification`.
 """
 
 from __future__ import annotations

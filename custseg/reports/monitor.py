@@ -1,9 +1,7 @@
-"""Drift and performance monitoring: reference statistics, drift tests, realised performance, reports.
+"""The HTML drift report: a self-contained page (inline PNG plots) from a drift report and its two windows.
 
-The core is pure (DataFrames in, dicts out): ``reference_statistics`` (at training time),
-``drift_report``, ``realised_performance``, ``daily_performance``. The I/O layer below it loads the
-champion's reference from MLflow, the current window from the prediction log or a file, writes the HTML
-report and logs a monitoring run; ``LiveMonitor`` keeps the API's drift gauges up to date.
+It renders what `custseg.core.drift` computed and `custseg.workflows.monitor` assembled; it reads and
+writes nothing itself.
 """
 
 from __future__ import annotations

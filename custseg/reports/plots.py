@@ -1,11 +1,6 @@
-"""MLflow: tracking runs, the model registry, and the champion/challenger aliases.
+"""Matplotlib figures logged with a training run: confusion matrix and feature importance.
 
-Without ``MLFLOW_TRACKING_URI`` everything lives under ``CUSTSEG_HOME``: a SQLite tracking and registry
-store (``mlflow.db``) and local artifacts (``mlartifacts/``). With it, everything goes to that server.
-
-Every registered version carries the SHA-256 of its bundle files (`custseg.verification`); every download
-is checked against them before anything in it is parsed. A registry that cannot be reached raises
-`RegistryUnavailableError`, never "no model"; URIs in messages are redacted (`custseg.redact`).
+Each function returns a closed figure (Agg backend, no display) for the caller to log or save.
 """
 
 from __future__ import annotations
@@ -13,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from custseg.core.training import Evaluation
 
@@ -50,6 +46,36 @@ def importance_figure(importances: dict[str, float]) -> Any:
     ax.barh(names, [importances[n] for n in names], color="#4477aa")
     ax.set_xlabel("impurity importance")
     ax.set_title("feature importance (selected model)", fontsize=10)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def global_importance_figure(table: pd.DataFrame, output: str = "probability") -> Any:
+    """Mean |contribution| per feature (rows) and segment (columns) as grouped horizontal bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = table.sort_values(table.columns[0])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    y = np.arange(len(ordered))
+    height = 0.8 / len(ordered.columns)
+    colours = ["#222222", "#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee"]
+    for i, column in enumerate(ordered.columns):
+        ax.barh(
+            y + (i - (len(ordered.columns) - 1) / 2) * height,
+            ordered[column],
+            height,
+            label=str(column),
+            color=colours[i % len(colours)],
+        )
+    ax.set_yticks(y, list(ordered.index))
+    unit = "probability" if output == "probability" else "log-odds"
+    ax.set_xlabel(f"mean |contribution| ({unit})")
+    ax.set_title("global importance (exact Tree SHAP, training rows)", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     plt.close(fig)
     return fig

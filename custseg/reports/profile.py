@@ -1,17 +1,8 @@
-"""Inspect a customer data file before training: structure, problems, class balance, separating features.
+"""The HTML page of ``custseg inspect --html``: a data profile as one self-contained file.
 
-The core is pure: :class:`ProfileBuilder` takes DataFrame chunks (any number, in file order) and
-accumulates counts, so a file of any size is profiled in bounded memory; :func:`profile` and
-:func:`profile_chunks` wrap it. Only three things grow with the file: one 64-bit hash per row for
-duplicate rows, one per row for duplicate ids (16 bytes a row together), and nothing else — the
-distributions, the correlation view and the feature ranking use a bounded uniform random sample of
-valid rows (bottom-k on random keys, the same sample whatever the chunk size for a given seed).
-
-Every cell is checked by the same rules training applies (``custseg.core.validation``: the per-feature checks
-behind ``validate_frame`` / ``row_problems``, ``missing_columns``, ``unknown_columns``); this module only
-counts and locates what those rules find. :func:`read_chunks` is the I/O edge: small files go through
-``custseg.io.tables.load_table`` (exactly how training reads them), large ones stream through pyarrow.
-:func:`render_html` turns a profile into a self-contained HTML page (inline PNGs, no external assets).
+:func:`render_html` turns a :class:`~custseg.core.profile_results.DataProfile` into HTML with inline PNG
+plots (feature distributions by segment, correlations) and no external assets, so the page
+can be mailed or archived as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from custseg import schema
-from custseg.core.profiling import DataProfile
+from custseg.core.profile_results import DataProfile
 
 # --------------------------------------------------------------------------------------------------
 # HTML report

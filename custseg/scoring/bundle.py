@@ -1,19 +1,9 @@
-"""The one scoring path: a model bundle (ONNX graph + skops pipeline) scored with ONNX Runtime.
+"""Writing a model bundle at training time: ONNX export, parity checks, the compiled forest, bundle.json.
 
-A *bundle* is a folder written at training time and stored with every registered model version:
-
-- ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
-- ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check
-                     *and* the operator allows it (``allow_pipeline_fallback``);
-- ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel (`custseg.scoring.forest`),
-                     bit-for-bit the pipeline's answers; batch scoring uses it, the API keeps ONNX Runtime;
-- ``bundle.json``    class order, parity results and check rows with the answers the pipeline gave at
-                     training time (re-checked on every load).
-
-Which skops types are trusted is decided here, in code (`SKOPS_TRUSTED_TYPES`), never by the bundle; that
-the files are the ones registered is checked before this module sees them (`custseg.verification`).
-
-The API, the batch scorer, the Azure entry script and the MLflow pyfunc all score through `Scorer`.
+``write_bundle`` converts the fitted pipeline to ONNX (``export_onnx``), checks that the graph gives the
+pipeline's labels and probabilities on the parity frames (``check_parity``), stores the forest's flat
+arrays when the compiled kernel reproduces the pipeline bit for bit, and records check rows that every
+load re-checks. Loading and scoring a bundle is `custseg.scoring.scorer`'s job.
 """
 
 from __future__ import annotations
@@ -28,6 +18,10 @@ import numpy as np
 import pandas as pd
 
 from custseg import schema
+from custseg.errors import ExplanationError
+from custseg.scoring import explainer as tree_shap
+from custseg.scoring.explainer import CHECK_TOLERANCE, EXPLAINER_FILE, TreeExplainer
+from custseg.scoring.explainer_check import check_explainer
 from custseg.scoring.forest import FOREST_FILE, compile_pipeline, kernel_available
 from custseg.scoring.scorer import (
     BUNDLE_FILE,
@@ -41,6 +35,10 @@ from custseg.scoring.scorer import (
 )
 
 logger = logging.getLogger(__name__)
+
+EXPLAINER_CHECK_ROWS = 2_000
+"""Rows of each parity frame the explainer is checked on against shap at training time (shap is the
+slow side: ~1 ms a row for the champion's 300 trees)."""
 
 
 def export_onnx(pipeline: Any) -> bytes:
@@ -109,6 +107,7 @@ def write_bundle(
 
     forest_parity = _write_forest(folder, pipeline, parity_frames)
     features = check_frame[list(schema.FEATURE_NAMES)]
+    explainer = write_explainer(folder, pipeline, features, parity_frames)
     meta = {
         "format": 1,
         "classes": [str(c) for c in pipeline.classes_],
@@ -117,6 +116,7 @@ def write_bundle(
         "parity": parity,
         "forest": bool(forest_parity.get("passed")),
         "forest_parity": forest_parity,
+        "explainer": explainer,
         "skops_trusted_types": trusted,  # informational only: trust comes from SKOPS_TRUSTED_TYPES
         "check_rows": json.loads(features.to_json(orient="records")),
         "check_labels": [str(x) for x in pipeline.predict(features)],
@@ -152,3 +152,69 @@ def _write_forest(folder: Path, pipeline: Any, parity_frames: Mapping[str, pd.Da
     except Exception as exc:  # the compiled kernel is an optimisation: never fail training over it
         logger.warning("compiling the forest failed (%s); batch scoring will use ONNX Runtime", exc)
         return {"passed": False, "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def write_explainer(
+    folder: Path, pipeline: Any, check_frame: pd.DataFrame, parity_frames: Mapping[str, pd.DataFrame]
+) -> dict[str, Any]:
+    """Build the exact explainer, check it and write ``explainer.npz``; returns what bundle.json records.
+
+    Checked on the parity rows: additivity (base value + contributions = the model's output) always,
+    and equality with ``shap.TreeExplainer`` when shap is installed (a dev dependency). Without shap the
+    result says the reference check was skipped; it never claims a check that did not run. A family
+    that cannot be explained exactly gets ``{"passed": false, "reason": ...}`` and no file.
+    """
+    if not tree_shap.kernel_available():
+        return {"passed": False, "reason": "the compiled kernel custseg.scoring._treeshap is not built here"}
+    try:
+        explainer = TreeExplainer.from_pipeline(pipeline)
+    except ExplanationError as exc:
+        logger.warning("no explanations for this model: %s", exc)
+        return {"passed": False, "reason": str(exc)}
+    frames = [f[list(schema.FEATURE_NAMES)].head(EXPLAINER_CHECK_ROWS) for f in parity_frames.values()]
+    frame = pd.concat(frames or [check_frame], ignore_index=True)
+    result: dict[str, Any] = {"output": explainer.output, "rows": len(frame)}
+    try:
+        import shap  # noqa: F401  (the reference: a dev dependency)
+    except ImportError:
+        result.update(
+            reference_check="skipped: shap is not installed",
+            max_abs_diff_vs_shap=None,
+            shap_version=None,
+            max_additivity_error=additivity_error(pipeline, explainer, frame),
+        )
+    else:
+        report = check_explainer(pipeline, explainer, frame)
+        largest = max(float(report["max_abs_diff_vs_shap"]), float(report["max_base_diff_vs_shap"]))
+        exact = largest <= CHECK_TOLERANCE
+        result.update(
+            reference_check="passed" if exact else "failed",
+            max_abs_diff_vs_shap=report["max_abs_diff_vs_shap"],
+            max_base_diff_vs_shap=report["max_base_diff_vs_shap"],
+            shap_version=report["shap_version"],
+            max_additivity_error=report["max_additivity_error"],
+        )
+    additive = result["max_additivity_error"] <= CHECK_TOLERANCE
+    result["passed"] = additive and result["reference_check"] != "failed"
+    if not result["passed"]:
+        result["reason"] = (
+            "the explainer failed its training-time check (additivity error "
+            f"{result['max_additivity_error']:.2e}, difference to shap {result['max_abs_diff_vs_shap']}; "
+            f"the bound is {CHECK_TOLERANCE:g})"
+        )
+        logger.error("explainer not written: %s", result["reason"])
+        return result
+    check_matrix = explainer.encode(to_columns(check_frame))
+    explainer.save(folder / EXPLAINER_FILE, check_matrix=check_matrix)
+    return result
+
+
+def additivity_error(pipeline: Any, explainer: TreeExplainer, frame: pd.DataFrame) -> float:
+    """Largest |base value + contributions - the model's output| over ``frame`` and every class."""
+    explanation = explainer.explain(to_columns(frame))
+    target = (
+        pipeline.predict_proba(frame)
+        if explainer.output == "probability"
+        else pipeline.decision_function(frame)
+    )
+    return float(np.max(np.abs(explanation.totals() - target), initial=0.0))

@@ -29,7 +29,11 @@ output. What is explained:
   as shap does; the probability is its softmax, which does not split into additive parts exactly, so
   ``output`` says ``"log_odds"`` and no probability contributions are claimed.
 
-Anything else raises `ExplanationError`: nothing is approximated.
+Anything else raises `ExplanationError`: nothing is approximated. The reference check against shap (a dev
+dependency) lives in `custseg.scoring.explainer_check`.
+
+One cohesive thing at ~550 lines: the model unpacking, the per-leaf tables, the file format and the kernel
+wrapper share one array layout, and splitting them would spread that layout over several modules.
 """
 
 from __future__ import annotations
@@ -543,62 +547,3 @@ def _float32_at_most(threshold: float) -> float:
     if float(value) > threshold:
         value = np.nextafter(value, np.float32(-np.inf))
     return float(value)
-
-
-# --- the reference check ---------------------------------------------------------------------------------
-
-
-def check_explainer(pipeline: Any, explainer: TreeExplainer, frame: Any) -> dict[str, float | int | str]:
-    """Compare with ``shap.TreeExplainer(model, feature_perturbation="tree_path_dependent")`` on
-    ``frame`` (the ten raw columns) and check additivity against the pipeline's own output.
-
-    Returns ``rows``, ``max_abs_diff_vs_shap`` (gender = sum of its one-hot columns in shap too),
-    ``max_base_diff_vs_shap``, ``max_additivity_error`` and ``shap_version``. Needs shap (a dev dependency).
-    """
-    import shap
-
-    from custseg.scoring.scorer import to_columns
-
-    ours = explainer.explain(to_columns(frame))
-    matrix = explainer.encode(to_columns(frame)).astype(np.float64)  # what sklearn's float32 inputs hold
-    values, expected = _shap_reference(pipeline.steps[-1][1], matrix, len(explainer.classes))
-    theirs = np.zeros_like(ours.contributions)
-    for j, slot in enumerate(explainer._column_slots()):
-        theirs[:, :, slot] += values[:, j, :]
-    if explainer.output == "probability":
-        target = pipeline.predict_proba(frame)
-    else:
-        target = pipeline.decision_function(frame)
-    return {
-        "rows": len(frame),
-        "max_abs_diff_vs_shap": float(np.max(np.abs(ours.contributions - theirs), initial=0.0)),
-        "max_base_diff_vs_shap": float(np.max(np.abs(ours.base_values - expected))),
-        "max_additivity_error": float(np.max(np.abs(ours.totals() - target), initial=0.0)),
-        "shap_version": str(shap.__version__),
-    }
-
-
-def _shap_reference(model: Any, matrix: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """shap's values ``(rows, columns, classes)`` and base values. shap explains multi-class
-    GradientBoosting only through its trees: each stage's tree k, times the learning rate, adds to class k."""
-    import shap
-    from sklearn.ensemble import GradientBoostingClassifier
-
-    if not isinstance(model, GradientBoostingClassifier):
-        reference = shap.TreeExplainer(model, feature_perturbation="tree_path_dependent")
-        values = np.asarray(reference.shap_values(matrix, check_additivity=False))
-        values = values[:, :, None] if values.ndim == 2 else values
-        return values, np.atleast_1d(np.asarray(reference.expected_value, dtype=np.float64))
-    values = np.zeros((len(matrix), matrix.shape[1], n_classes))
-    raw = model.decision_function(matrix.astype(np.float32)[:1])[0]
-    stages = model.estimators_
-    expected = np.zeros(n_classes)
-    for s in range(stages.shape[0]):
-        for k in range(stages.shape[1]):
-            tree = shap.TreeExplainer(stages[s, k], feature_perturbation="tree_path_dependent")
-            values[:, :, k] += model.learning_rate * np.asarray(
-                tree.shap_values(matrix, check_additivity=False)
-            )
-            expected[k] += model.learning_rate * float(np.ravel(tree.expected_value)[0])
-            raw[k] -= model.learning_rate * stages[s, k].predict(matrix.astype(np.float32)[:1])[0]
-    return values, expected + raw

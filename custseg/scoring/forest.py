@@ -1,4 +1,4 @@
-"""Compiled tree ensembles: a fitted forest as flat arrays, scored by a small C kernel (`custseg.scoring._forest`).
+"""Compiled tree ensembles: a fitted forest as flat arrays, scored by a small C kernel (``_forest.c``).
 
 Scikit-learn and ONNX Runtime walk one row through one tree at a time; every step is a data-dependent
 branch, and a mispredicted branch costs more than the comparison. This kernel walks a block of rows
@@ -10,12 +10,12 @@ overlaps the rows' memory loads. It is exact, not an approximation:
 - leaf values are scikit-learn's own class fractions (``tree_.value``), summed in tree order in float64 and
   divided by the number of trees, as ``RandomForestClassifier.predict_proba`` does with one job.
 
-So labels and probabilities are bit-for-bit those of the scikit-learn pipeline; `predict.write_bundle`
-checks that on the parity frames before a forest is stored, and every load re-checks the bundle's
-check rows. Supported: a `Pipeline` built by `custseg.core.training.build_pipeline` around a
-`RandomForestClassifier`, `ExtraTreesClassifier` or `DecisionTreeClassifier`. Other models are served
-by ONNX Runtime, and so is everything when the package was installed without a C compiler (the
-extension is optional; `kernel_available` says whether it is there).
+So labels and probabilities are bit-for-bit those of the scikit-learn pipeline;
+`custseg.scoring.bundle.write_bundle` checks that on the parity frames before a forest is stored, and
+every load re-checks the bundle's check rows. Supported: a `Pipeline` built by
+`custseg.core.training.build_pipeline` around a `RandomForestClassifier`, `ExtraTreesClassifier` or
+`DecisionTreeClassifier`. Other models are served by ONNX Runtime, and so is everything when the package
+was installed without a C compiler (the extension is optional; `kernel_available` says whether it is there).
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
-"""The one scoring path: a model bundle (ONNX graph + skops pipeline) scored with ONNX Runtime.
+"""The one scoring path: `Scorer` loads a model bundle and scores it with ONNX Runtime.
 
-A *bundle* is a folder written at training time and stored with every registered model version:
+A *bundle* is a folder written at training time (`custseg.scoring.bundle`) and stored with every
+registered model version:
 
 - ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
 - ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check
                      *and* the operator allows it (``allow_pipeline_fallback``);
-- ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel (`custseg.scoring.forest`),
-                     bit-for-bit the pipeline's answers; batch scoring uses it, the API keeps ONNX Runtime;
+- ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel
+                     (`custseg.scoring.forest`), bit-for-bit the pipeline's answers; batch scoring uses
+                     it, the API keeps ONNX Runtime;
 - ``bundle.json``    class order, parity results and check rows with the answers the pipeline gave at
                      training time (re-checked on every load).
 
 Which skops types are trusted is decided here, in code (`SKOPS_TRUSTED_TYPES`), never by the bundle; that
-the files are the ones registered is checked before this module sees them (`custseg.verification`).
+the files are the ones registered is checked before this module sees them (`custseg.scoring.verification`).
 
 The API, the batch scorer, the Azure entry script and the MLflow pyfunc all score through `Scorer`.
 """
@@ -29,7 +31,10 @@ import numpy as np
 import pandas as pd
 
 from custseg import schema
-from custseg.errors import DataValidationError, ModelLoadError, Problem
+from custseg.core.explain import SegmentExplanation, explain_rows
+from custseg.errors import DataValidationError, ExplanationError, ModelLoadError, Problem
+from custseg.scoring import explainer as tree_shap
+from custseg.scoring.explainer import EXPLAINER_FILE, TreeExplainer
 from custseg.scoring.forest import FOREST_FILE, CompiledForest, kernel_available
 
 logger = logging.getLogger(__name__)
@@ -95,6 +100,10 @@ class Scorer:
     _pipeline: Any = None
     _forest: CompiledForest | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    explainer: TreeExplainer | None = None
+    """The bundle's exact explainer, loaded and re-checked with the model; None when unavailable."""
+    explainer_problem: str | None = None
+    """Why ``explainer`` is None (said by `explain`); None when it is loaded."""
 
     @classmethod
     def from_bundle(
@@ -141,7 +150,21 @@ class Scorer:
             logger.warning("serving %s with scikit-learn (allowed by the operator): %s", folder, onnx_problem)
             scorer = cls(classes=classes, backend="sklearn", _pipeline=_load_pipeline(folder), meta=meta)
             scorer.verify()
+        scorer.attach_explainer(folder)
         return scorer
+
+    def attach_explainer(self, folder: Path) -> None:
+        """Load the bundle's explainer; its check rows are re-explained and compared on every load.
+
+        A missing, unexplainable or failing explainer never stops scoring: it is logged, and `explain`
+        raises `ExplanationError` saying why.
+        """
+        self.explainer, self.explainer_problem = None, None
+        try:
+            self.explainer = _load_explainer(folder, self.meta, self.classes)
+        except ExplanationError as exc:
+            self.explainer_problem = str(exc)
+            logger.warning("model in %s: explanations unavailable: %s", folder, exc)
 
     def verify(self) -> None:
         """Raise ModelLoadError unless the model reproduces the answers stored in its bundle."""
@@ -175,6 +198,74 @@ class Scorer:
     def score_frame(self, frame: pd.DataFrame) -> Scores:
         """Score a DataFrame of raw columns (gender as text, any case); raises on invalid values."""
         return self.score_columns(to_columns(prepare_frame(frame)))
+
+    def contributions(
+        self, columns: Mapping[str, np.ndarray], scores: Scores | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(predicted class index ``(n,)``, its base value ``(n,)``, its contributions ``(n, features)``)
+        for prepared inputs; ``scores`` of the same rows saves scoring them again."""
+        explainer = self._require_explainer()
+        scores = scores if scores is not None else self.score_columns(columns)
+        predicted = _class_indices(scores, self.classes)
+        base, contributions = explainer.explain(columns).of_class(predicted)
+        return predicted, base, contributions
+
+    def explain(
+        self, columns: Mapping[str, np.ndarray], k: int, scores: Scores | None = None
+    ) -> list[SegmentExplanation]:
+        """Per row: the predicted segment, its base value and the top ``k`` reasons (largest |c| first).
+
+        For probability models base value + all ten contributions = the segment's probability.
+        """
+        if not 1 <= k <= len(schema.FEATURE_NAMES):
+            raise ValueError(f"k must be between 1 and {len(schema.FEATURE_NAMES)} (got {k})")
+        predicted, base, contributions = self.contributions(columns, scores)
+        segments = [self.classes[i] for i in predicted.tolist()]
+        return explain_rows(columns, segments, base, contributions, k)
+
+    def _require_explainer(self) -> TreeExplainer:
+        if self.explainer is None:
+            raise ExplanationError(
+                f"this model cannot be explained: {self.explainer_problem or 'it has no explainer'}"
+            )
+        return self.explainer
+
+
+def _class_indices(scores: Scores, classes: tuple[str, ...]) -> np.ndarray:
+    """The index of each row's predicted class (the label the scorer gave, not a second argmax)."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.fromiter(
+        (lookup[str(label)] for label in scores.labels), dtype=np.intp, count=len(scores.labels)
+    )
+
+
+def _load_explainer(folder: Path, meta: Mapping[str, Any], classes: tuple[str, ...]) -> TreeExplainer:
+    """The bundle's explainer after its load-time check; ExplanationError saying why there is none."""
+    recorded = meta.get("explainer")
+    if not isinstance(recorded, Mapping):
+        raise ExplanationError(
+            "the bundle was written before custseg had explanations; retrain it (`custseg train`)"
+        )
+    if not recorded.get("passed"):
+        raise ExplanationError(str(recorded.get("reason") or "its explainer failed its training-time check"))
+    path = folder / EXPLAINER_FILE
+    if not path.exists():
+        raise ExplanationError(f"the bundle records an explainer but has no {EXPLAINER_FILE}")
+    if not tree_shap.kernel_available():
+        raise ExplanationError(
+            "the compiled kernel custseg.scoring._treeshap is missing: reinstall custseg with gcc available"
+        )
+    try:
+        explainer = TreeExplainer.load(path)
+    except (ValueError, OSError, KeyError) as exc:
+        logger.error("explainer %s refused: %s", path, exc)
+        raise ExplanationError(
+            f"{EXPLAINER_FILE} failed its load-time check ({exc}); scoring works, explanations are off "
+            "until the model is registered again from a trusted training run"
+        ) from exc
+    if explainer.classes != classes:
+        raise ExplanationError(f"{EXPLAINER_FILE} explains classes {explainer.classes}, not {classes}")
+    return explainer
 
 
 def _forest_scorer(

@@ -1,10 +1,9 @@
-"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+"""The served model and what the API writes beside it: the hot-swapped model, the prediction log, feedback.
 
-One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
-keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
-and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
-with orjson. A background task polls the registry and swaps the served model atomically; the old
-model keeps answering until the new one has loaded and passed its checks.
+``ModelHolder`` keeps the registry's current version loaded and swaps it atomically (the old model
+answers until the new one has loaded and passed its checks; a broken version is kept out).
+``PredictionRecorder`` hands every answered request to the prediction log; ``FeedbackWriter`` stores
+feedback in threads of its own with a bounded wait, so a slow database never stalls scoring.
 """
 
 from __future__ import annotations
@@ -21,20 +20,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from custseg.errors import (
-    ModelNotFoundError,
-    RegistryUnavailableError,
-)
+from custseg.errors import FeedbackUnavailableError, ModelNotFoundError, RegistryUnavailableError
 from custseg.redact import redact_text
 from custseg.registry.client import ModelRef, load_scorer, resolve
-from custseg.scoring.scorer import Scorer
-from custseg.serving.errors import FEEDBACK_RETRY_SECONDS, FeedbackUnavailableError
+from custseg.scoring.scorer import Scorer, Scores
 from custseg.serving.metrics import ApiMetrics
 from custseg.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
+FEEDBACK_RETRY_SECONDS = FeedbackUnavailableError.retry_after_seconds
 REJECTED_RETRY_SECONDS = 60.0
 """A version that failed to load or check is tried again after this long (or 10 polls), not every poll."""
 
@@ -154,6 +150,40 @@ class ModelHolder:
         while True:
             await asyncio.sleep(every)
             await self.refresh()
+
+
+class PredictionRecorder:
+    """Hands each answered request to the prediction log as one compact tuple (its writer thread
+    builds the rows); never blocks the request."""
+
+    def __init__(self, log: PredictionLog) -> None:
+        self.log = log
+        self.with_client_ids = _accepts_keyword(log.submit_scored, "client_request_id")
+
+    def record(
+        self,
+        records: list[Any],
+        scores: Scores,
+        loaded: LoadedModel,
+        request_id: str,
+        started: float | None,
+        client_request_id: str | None,
+    ) -> None:
+        latency_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+        ref = loaded.ref
+        extra = {"client_request_id": client_request_id} if client_request_id and self.with_client_ids else {}
+        self.log.submit_scored(
+            request_id,
+            time.time(),
+            ref.name,
+            ref.version,
+            records,
+            scores.labels,
+            scores.probabilities,
+            scores.classes,
+            latency_ms,
+            **extra,
+        )
 
 
 class FeedbackWriter:

@@ -1,9 +1,8 @@
-"""Drift and performance monitoring: reference statistics, drift tests, realised performance, reports.
+"""Live signals on /metrics: drift over the last N predictions and realised performance from feedback.
 
-The core is pure (DataFrames in, dicts out): ``reference_statistics`` (at training time),
-``drift_report``, ``realised_performance``, ``daily_performance``. The I/O layer below it loads the
-champion's reference from MLflow, the current window from the prediction log or a file, writes the HTML
-report and logs a monitoring run; ``LiveMonitor`` keeps the API's drift gauges up to date.
+``LiveMonitor`` watches what the API hands to the prediction log, recomputes drift against the
+champion's training reference (``custseg.core.drift``) in a background thread, and exposes both as
+Prometheus gauges; ``monitored_prediction_log`` is the log ``custseg serve`` uses, with one attached.
 """
 
 from __future__ import annotations
@@ -12,39 +11,27 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from custseg import schema
-from custseg.settings import Settings
-
-if TYPE_CHECKING:
-    pass
 from custseg.core.drift import PREDICTION, DriftThresholds, drift_report, realised_performance
 from custseg.registry.client import Reference, load_reference
+from custseg.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------
-# I/O layer: the champion's reference, the current window, the HTML report, the MLflow monitoring run
-# --------------------------------------------------------------------------------------------------
-
 LIVE_PERFORMANCE_DAYS = 7.0
 """The API's realised-performance gauges cover predictions of the last this many days."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Live signals for the API: drift over the last N predictions, realised performance from feedback
-# --------------------------------------------------------------------------------------------------
 
 
 class LiveMonitor:
     """Keeps the last ``window_rows`` predictions in memory and recomputes drift and realised
     performance every ``refresh_seconds`` in a background thread; exposes them as Prometheus gauges.
 
-    Attach it to a :class:`~custseg.predlog.store.PredictionLog` (``log.attach(monitor)``): it then sees
+    Attach it to a :class:`~custseg.predlog.PredictionLog` (``log.attach(monitor)``): it then sees
     every submitted entry and starts and stops with the log.
     """
 
@@ -196,7 +183,7 @@ class _LiveCollector:
 
 def monitored_prediction_log(settings: Settings) -> Any:
     """The API's prediction log with a :class:`LiveMonitor` attached."""
-    from custseg.predlog.store import PredictionLog
+    from custseg.predlog import PredictionLog
 
     log = PredictionLog.from_settings(settings)
     log.attach(LiveMonitor(settings, log))

@@ -1,15 +1,13 @@
-"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+"""The API's Prometheus metrics: requests, latency, predictions by segment, the served model.
 
-One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
-keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
-and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
-with orjson. A background task polls the registry and swaps the served model atomically; the old
-model keeps answering until the new one has loaded and passed its checks.
+One registry per app; with several workers (``custseg serve --workers N``) the values are shared
+through prometheus-client's multiprocess files, which this module creates and cleans up.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter as Tally
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +80,14 @@ class ApiMetrics:
             "New model versions that failed to load or check.",
             registry=r,
         )
+
+    def count_predictions(self, labels: list[str]) -> None:
+        """Count scored rows by predicted segment (one increment per segment, not per row)."""
+        if len(labels) == 1:
+            self.predictions.labels(labels[0]).inc()
+            return
+        for label, count in Tally(labels).items():
+            self.predictions.labels(label).inc(count)
 
     def render(self) -> bytes:
         if not self.multiprocess:

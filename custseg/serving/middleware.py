@@ -1,10 +1,10 @@
-"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+"""The API's one pure-ASGI middleware: what every HTTP request goes through before and after its route.
 
-One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
-keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
-and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
-with orjson. A background task polls the registry and swaps the served model atomically; the old
-model keeps answering until the new one has loaded and passed its checks.
+Request ids (the server's UUIDv7 and the caller's X-Request-ID), the trusted-Host check, the body limit
+(declared and streamed), API keys and their scopes, JSON-only POSTs, metrics, the JSON access log and a
+last-resort JSON 500. Early refusals answer through the same renderer as the routes' errors
+(:func:`custseg.serving.errors.render_error`). Pure ASGI rather than Starlette's BaseHTTPMiddleware: it
+adds no task or stream per request on the scoring path.
 """
 
 from __future__ import annotations
@@ -14,29 +14,22 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 import orjson
-from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from custseg.errors import (
     AuthenticationError,
     CustsegError,
     DataError,
-    InputTooLargeError,
-)
-from custseg.serving.errors import (
-    CLIENT_CLOSED,
-    ASGIApp,
     ForbiddenError,
-    Message,
-    Receive,
-    Scope,
-    Send,
+    InputTooLargeError,
     UnsupportedMediaTypeError,
     UntrustedHostError,
-    _send_error,
 )
+from custseg.serving.errors import render_error
 from custseg.serving.metrics import ApiMetrics
 from custseg.serving.security import (
     ANONYMOUS,
@@ -48,6 +41,12 @@ from custseg.serving.security import (
     configured_keys,
 )
 from custseg.settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +60,11 @@ OPEN_PATHS = frozenset(
 KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score", "/feedback"})
 JSON_BODY_PATHS = frozenset({"/predict", "/score", "/feedback"})
 """The POST routes; each takes a JSON body (other paths answer POST with 404 or 405)."""
-REQUEST_ID_MAX = 64
-"""Longest request_id the prediction log's column holds (feedback names one)."""
+CLIENT_CLOSED = 499
+"""Status recorded in metrics and the access log when the client left mid-request (nginx's convention)."""
 RID_HEADER = b"x-request-id"
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
-
-
-def _request_id(request: Request) -> str:
-    return str(request.scope.get("custseg.request_id") or new_request_id())
 
 
 def new_request_id() -> str:
@@ -142,7 +137,7 @@ class ApiMiddleware:
         try:
             early = self._refuse(scope, host, presented, content_type, content_length)
             if early is not None:
-                await _send_error(send_with_id, early, request_id, client_id)
+                await send_error(send_with_id, early, request_id, client_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except ClientDisconnect:
@@ -155,7 +150,7 @@ class ApiMiddleware:
             else:
                 logger.exception("request %s (client id %s) failed", request_id, client_id)
             if not started_response[0]:
-                await _send_error(send_with_id, exc, request_id, client_id)
+                await send_error(send_with_id, exc, request_id, client_id)
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
@@ -256,3 +251,12 @@ def _is_json(content_type: bytes | None) -> bool:
     if content_type is None:
         return False
     return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+async def send_error(send: Send, exc: BaseException, request_id: str, client_id: str | None) -> None:
+    """Answer ``exc`` as the routes' error handler would, straight on the ASGI channel."""
+    response = render_error(exc, request_id, client_id)
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})

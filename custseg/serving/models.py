@@ -1,10 +1,10 @@
-"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+"""The API's contract: request and response models, generated from the customer schema.
 
-One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
-keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
-and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
-with orjson. A background task polls the registry and swaps the served model atomically; the old
-model keeps answering until the new one has loaded and passed its checks.
+``CustomerRecord`` (one customer, the ten raw features of :mod:`custseg.schema`) validates every scored
+record; ``FeedbackRecord`` documents a feedback record (``parsing.parse_feedback`` checks it, because it
+also accepts what older clients send); the response models describe every answer. The OpenAPI document
+is built from these models (:mod:`custseg.serving.openapi`). ``json_response`` is how every route and
+the error handler answer: orjson, no second validation on the hot path.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import orjson
+from fastapi.responses import Response
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -20,11 +22,15 @@ from pydantic import (
     Field,
     create_model,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from custseg import schema
 
+JSON = "application/json"
 CUSTOMER_ID_MAX = 128
 """Longest customer_id: the prediction log's column width (custseg.predlog.tables.build_tables)."""
+REQUEST_ID_MAX = 64
+"""Longest request_id the prediction log's column holds (feedback names one)."""
 _UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 """Control characters (PostgreSQL text refuses NUL) and lone surrogates (not encodable as UTF-8)."""
 _PRINTABLE_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
@@ -205,3 +211,47 @@ class ModelDetails(BaseModel):
     classes: list[str]
     holdout_metrics: dict[str, float]
     features: list[FeatureInfo]
+
+
+def _printable_id(longest: int, description: str) -> Any:
+    # The pattern is for the document only: parse_feedback checks ids (a 422 per field and row).
+    return Field(
+        max_length=longest,
+        description=description,
+        json_schema_extra={"pattern": _PRINTABLE_NOT_BLANK_PATTERN},
+    )
+
+
+class FeedbackRecord(BaseModel):
+    """One true segment learned later: for a prediction (`request_id`, + `row_index` in a batch)
+    or for a customer (`customer_id`). The server sets the time and records which key sent it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            # one of the two ids, not blank (what the prediction log checks); the server sets the time
+            "anyOf": [{"required": ["request_id"]}, {"required": ["customer_id"]}],
+            "not": {"required": ["ts"]},
+            "examples": [{"request_id": "5f0c6d0e9a8b4c3d", "customer_segment": "high_value"}],
+        }
+    )
+
+    request_id: (
+        Annotated[str, _printable_id(REQUEST_ID_MAX, "request_id of the answered prediction")]
+        | (SkipJsonSchema[None])
+    ) = None
+    row_index: (
+        Annotated[int, Field(ge=0, description="0-based position in that request's batch")]
+        | (SkipJsonSchema[None])
+    ) = None
+    customer_id: (
+        Annotated[str, _printable_id(CUSTOMER_ID_MAX, "instead of request_id: the customer's id")]
+        | (SkipJsonSchema[None])
+    ) = None
+    customer_segment: str = Field(
+        description="The customer's true segment.", json_schema_extra={"enum": list(schema.LABELS)}
+    )
+
+
+def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``body`` as a JSON response (orjson: numpy-free lists and dicts, several times faster than json)."""
+    return Response(orjson.dumps(body), status_code=status_code, headers=headers, media_type=JSON)

@@ -1,10 +1,9 @@
-"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+"""Request bodies into validated records: the scoring records, feedback records, and the model's inputs.
 
-One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
-keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
-and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
-with orjson. A background task polls the registry and swaps the served model atomically; the old
-model keeps answering until the new one has loaded and passed its checks.
+Bodies are read raw and parsed with orjson, then validated with a pydantic TypeAdapter of
+``CustomerRecord`` (faster than FastAPI's body parameter, and every problem is reported at once with
+its field and row). A key given twice in a JSON object is refused instead of silently keeping the last
+value. ``model_inputs`` builds the ONNX inputs straight from the records, with no DataFrame per request.
 """
 
 from __future__ import annotations
@@ -26,14 +25,7 @@ from custseg.errors import (
     InputTooLargeError,
     Problem,
 )
-from custseg.serving.errors import _JSON
-from custseg.serving.middleware import REQUEST_ID_MAX
-from custseg.serving.models import (
-    _PRINTABLE_NOT_BLANK_PATTERN,
-    CUSTOMER_ID_MAX,
-    CustomerRecord,
-    storable_text,
-)
+from custseg.serving.models import CUSTOMER_ID_MAX, REQUEST_ID_MAX, CustomerRecord, storable_text
 
 MAX_FEEDBACK_RECORDS = 10_000
 """Most feedback records one POST /feedback may carry."""
@@ -252,48 +244,6 @@ def _is_row_index(value: Any) -> bool:
     return isinstance(value, str) and value.isascii() and value.strip().isdigit()
 
 
-def _feedback_body_spec() -> dict[str, Any]:
-    one = {
-        "type": "object",
-        "properties": {
-            "request_id": {
-                "type": "string",
-                "pattern": _PRINTABLE_NOT_BLANK_PATTERN,
-                "maxLength": REQUEST_ID_MAX,
-                "description": "request_id of the answered prediction",
-            },
-            "row_index": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "0-based position in that request's batch",
-            },
-            "customer_id": {
-                "type": "string",
-                "pattern": _PRINTABLE_NOT_BLANK_PATTERN,
-                "maxLength": CUSTOMER_ID_MAX,
-                "description": "instead of request_id: the customer's id",
-            },
-            "customer_segment": {"type": "string", "enum": list(schema.LABELS)},
-        },
-        "required": ["customer_segment"],
-        # one of the two ids, not blank: what the prediction log checks
-        "anyOf": [{"required": ["request_id"]}, {"required": ["customer_id"]}],
-        "not": {"required": ["ts"]},  # the server sets the time
-    }
-    example = {"request_id": "5f0c6d0e9a8b4c3d", "customer_segment": "high_value"}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                _JSON: {
-                    "schema": {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]},
-                    "examples": {"one": {"summary": "One true segment", "value": example}},
-                }
-            },
-        }
-    }
-
-
 def _lenient_json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -325,29 +275,3 @@ def model_inputs(records: list[Any]) -> dict[str, np.ndarray]:
     for name in schema.CATEGORICAL_FEATURES:
         columns[name] = np.array([getattr(r, name) for r in records], dtype=object).reshape(n, 1)
     return columns
-
-
-def _request_body_spec(max_rows: int) -> dict[str, Any]:
-    one = {"$ref": "#/components/schemas/CustomerRecord"}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                _JSON: {
-                    "schema": {
-                        "anyOf": [one, {"type": "array", "items": one, "minItems": 1, "maxItems": max_rows}]
-                    },
-                    "examples": {
-                        "prototype": {"summary": "The prototype's customer", "value": schema.EXAMPLE_RECORD},
-                        "batch": {
-                            "summary": "A batch with customer ids",
-                            "value": [
-                                {**schema.EXAMPLE_RECORD, "customer_id": "CUST_0001"},
-                                {**schema.EXAMPLE_RECORD, "gender": "female", "customer_id": "CUST_0002"},
-                            ],
-                        },
-                    },
-                }
-            },
-        }
-    }

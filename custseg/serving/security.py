@@ -1,10 +1,8 @@
-"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+"""API keys and their scopes, and which Host names and bind addresses are safe to serve.
 
-One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
-keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
-and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
-with orjson. A background task polls the registry and swaps the served model atomically; the old
-model keeps answering until the new one has loaded and passed its checks.
+Keys come from the settings (``CUSTSEG_API_KEYS`` has every scope; ``CUSTSEG_SCORING_KEYS`` and the
+others one each) and are named in logs and feedback by a digest prefix, never by the key. The checks
+themselves run in :mod:`custseg.serving.middleware`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""The HTTP API: a thin FastAPI layer over `custseg.scoring.scorer.Scorer`.
+"""Running the API: ``custseg serve``'s uvicorn server, its workers, bind safety and logging.
 
-One pure-ASGI middleware does the per-request plumbing (request ids, trusted Host, body limit, API
-keys and their scopes, JSON-only POSTs, metrics, access log, last-resort JSON 500); the routes parse
-and validate records, build the ONNX inputs straight from them (no DataFrame per request) and answer
-with orjson. A background task polls the registry and swaps the served model atomically; the old
-model keeps answering until the new one has loaded and passed its checks.
+One worker serves the app in process; several are uvicorn's supervisor with a worker factory
+(``app_from_environment``) and shared multiprocess metrics. A non-loopback bind needs API keys unless
+the operator passes ``--insecure``; SIGTERM finishes requests in flight and exits 0.
 """
 
 from __future__ import annotations

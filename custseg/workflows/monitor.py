@@ -1,9 +1,9 @@
-"""Drift and performance monitoring: reference statistics, drift tests, realised performance, reports.
+"""``custseg monitor``: compare a current window with the champion's training reference, report, log.
 
-The core is pure (DataFrames in, dicts out): ``reference_statistics`` (at training time),
-``drift_report``, ``realised_performance``, ``daily_performance``. The I/O layer below it loads the
-champion's reference from MLflow, the current window from the prediction log or a file, writes the HTML
-report and logs a monitoring run; ``LiveMonitor`` keeps the API's drift gauges up to date.
+``run_monitor`` resolves the model (the champion or a given version) in the registry, loads its training
+reference, takes the current window from the prediction log or from a file it scores, computes drift and
+realised performance (`custseg.core.drift`), optionally writes the HTML report (`custseg.reports.monitor`)
+and logs a monitoring run to MLflow (``log_monitoring_run``).
 """
 
 from __future__ import annotations
@@ -12,18 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import mlflow
 import pandas as pd
 
 from custseg import schema
-from custseg.core.validation import validate_frame
-from custseg.errors import DataError
-from custseg.io.tables import load_table
-from custseg.settings import Settings
-
-if TYPE_CHECKING:
-    from custseg.registry.client import ModelRef
 from custseg.core.drift import (
     PREDICTION,
     DriftThresholds,
@@ -31,8 +25,24 @@ from custseg.core.drift import (
     drift_report,
     realised_performance,
 )
-from custseg.registry.client import Reference, load_reference
+from custseg.core.explain import importance_profile, importance_shift
+from custseg.core.validation import validate_frame
+from custseg.errors import DataError
+from custseg.io.tables import load_table
+from custseg.predlog import PredictionLog
+from custseg.registry.client import (
+    ModelRef,
+    Reference,
+    connect,
+    ensure_experiment,
+    load_reference,
+    load_scorer,
+    resolve,
+)
 from custseg.reports.monitor import html_report
+from custseg.scoring.scorer import Scorer, prepare_frame, to_columns
+from custseg.settings import Settings
+from custseg.workflows.segments import share_shift_report
 
 
 @dataclass
@@ -79,12 +89,11 @@ def run_monitor(
 ) -> MonitorResult:
     """Compare the current window (the prediction log, or a file scored by the model) with the
     training reference of the champion (or ``model_version``); optionally write HTML and log to MLflow."""
-    from custseg.registry.client import load_scorer, resolve
-
     th = thresholds or DriftThresholds.from_settings(settings)
     uri = f"models:/{settings.model_name}/{model_version}" if model_version else None
     model = resolve(settings, uri)
     reference = load_reference(settings, model)
+    scorer: Scorer | None = None
     if current_path is not None:
         current = load_current_file(current_path)
         scorer, _ = load_scorer(settings, model.uri)
@@ -93,8 +102,6 @@ def run_monitor(
             current["true_segment"] = current[schema.LABEL_COLUMN]
         source = f"file {current_path}"
     else:
-        from custseg.predlog.store import PredictionLog
-
         log = PredictionLog.from_settings(settings)
         try:
             current = log.window(since, until, model_version)
@@ -117,6 +124,9 @@ def run_monitor(
         "last": _iso(float(current["ts"].max())) if "ts" in current and len(current) else None,
     }
     report["performance"] = realised_performance(current)
+    # Segment shares of the last two snapshots (custseg segments), when there are two.
+    report["segment_shares"] = share_shift_report(settings)
+    report["importance"] = importance_report(settings, model, reference.stats, current, scorer, th.min_rows)
     if "ts" in current:
         report["performance_daily"] = daily_performance(current).to_dict(orient="records")
     result = MonitorResult(report, reference, current)
@@ -149,6 +159,9 @@ def monitoring_metrics(report: Mapping[str, Any]) -> dict[str, float]:
             metrics[f"drift_{name}"] = float(bool(result["drift"]))
     for key, value in report.get("performance", {}).items():
         metrics[f"realised_{key}"] = float(value)
+    for name, moved in report.get("importance", {}).get("features", {}).items():
+        metrics[f"importance_{name}"] = float(moved["current"])
+        metrics[f"importance_share_change_{name}"] = float(moved["share_change"])
     return metrics
 
 
@@ -156,10 +169,6 @@ def log_monitoring_run(
     settings: Settings, model: ModelRef, report: Mapping[str, Any], html_path: Path | None = None
 ) -> str:
     """Log one monitoring run (tag custseg.run_type=monitoring) in the model's training experiment."""
-    import mlflow
-
-    from custseg.registry.client import connect, ensure_experiment
-
     client = connect(settings)
     experiment_id = (
         client.get_run(model.run_id).info.experiment_id
@@ -186,3 +195,55 @@ def log_monitoring_run(
         if html_path is not None:
             mlflow.log_artifact(str(html_path), "monitoring")
         return str(run.info.run_id)
+
+
+IMPORTANCE_ROWS = 10_000
+"""Current rows explained for the importance comparison (a seeded sample beyond this)."""
+
+
+def importance_report(
+    settings: Settings,
+    model: ModelRef,
+    reference_stats: Mapping[str, Any],
+    current: pd.DataFrame,
+    scorer: Scorer | None,
+    min_rows: int,
+) -> dict[str, Any]:
+    """How the importance of each feature moved: the reference (training rows, stored at training time)
+    against the current window explained by the same model; ``available: false`` says why not."""
+    reference = reference_stats.get("importance")
+    if not isinstance(reference, Mapping):
+        return {
+            "available": False,
+            "reason": f"version {model.version}'s training reference has no importance (trained before "
+            "explanations existed, or the model cannot be explained)",
+        }
+    if not len(current):
+        return {"available": False, "reason": "the current window has no rows"}
+    if scorer is None:
+        scorer, _ = load_scorer(settings, model.uri)
+    if scorer.explainer is None:
+        return {"available": False, "reason": scorer.explainer_problem}
+    rows = current[list(schema.FEATURE_NAMES)]
+    if len(rows) > IMPORTANCE_ROWS:
+        rows = rows.sample(IMPORTANCE_ROWS, random_state=0)
+    columns = to_columns(prepare_frame(rows))
+    explanation = scorer.explainer.explain(columns, threads=2)
+    lookup = {c: i for i, c in enumerate(scorer.classes)}
+    predicted = [lookup[str(label)] for label in scorer.score_columns(columns).labels]
+    profile = importance_profile(explanation.contributions, predicted, scorer.classes)
+    threshold = settings.importance_shift_threshold
+    features = importance_shift(reference["features"], profile["features"], threshold)  # type: ignore[arg-type]
+    judged = len(rows) >= min_rows
+    return {
+        "available": True,
+        "output": reference.get("output", scorer.explainer.output),
+        "measure": "mean |contribution| to the predicted segment",
+        "threshold": threshold,
+        "n_reference": reference.get("rows"),
+        "n_current": len(rows),
+        "judged": judged,
+        "flagged": [f for f, r in features.items() if judged and r["flagged"]],
+        "features": features,
+        "by_segment": {"reference": reference.get("by_segment"), "current": profile["by_segment"]},
+    }

@@ -1,23 +1,22 @@
-"""Drift and performance monitoring: reference statistics, drift tests, realised performance, reports.
+"""Retraining: a challenger trained on new labelled data, promoted only if it beats the champion.
 
-The core is pure (DataFrames in, dicts out): ``reference_statistics`` (at training time),
-``drift_report``, ``realised_performance``, ``daily_performance``. The I/O layer below it loads the
-champion's reference from MLflow, the current window from the prediction log or a file, writes the HTML
-report and logs a monitoring run; ``LiveMonitor`` keeps the API's drift gauges up to date.
+``retrain`` trains and registers through `custseg.workflows.train` (whose quality gate compares both
+models on the same held-out rows of the new data) and records the decision and both scores on the
+challenger's MLflow run and version tags.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
+from custseg.core.training import Candidate, TrainingResult
+from custseg.registry.client import CHAMPION, connect
+from custseg.registry.gate import GATE_METRIC
 from custseg.settings import Settings
-
-if TYPE_CHECKING:
-    pass
-
+from custseg.workflows.train import Registration, train_and_register
 
 # --------------------------------------------------------------------------------------------------
 # Retraining: challenger vs champion on the same holdout
@@ -28,8 +27,8 @@ if TYPE_CHECKING:
 class RetrainOutcome:
     """A retraining: the challenger's registration, the gate's decision and both holdout scores."""
 
-    result: Any
-    registration: Any
+    result: TrainingResult
+    registration: Registration
     promoted: bool
     challenger_score: float
     champion_score: float | None
@@ -41,16 +40,12 @@ def retrain(
     settings: Settings,
     *,
     data_source: str,
-    candidates: list[Any] | None = None,
+    candidates: list[Candidate] | None = None,
     on_progress: Any = None,
 ) -> RetrainOutcome:
     """Train a challenger on new labelled data; it becomes champion only if its macro-F1 beats the
     champion's on the same held-out rows (of the new data). The decision and both scores are logged
     on the challenger's MLflow run (``gate_*`` metrics, ``custseg.gate_*`` tags) and its version tags."""
-    from custseg.registry.client import CHAMPION, connect
-    from custseg.registry.gate import GATE_METRIC
-    from custseg.workflows.train import train_and_register
-
     result, registration = train_and_register(
         frame, settings, data_source=data_source, candidates=candidates, on_progress=on_progress
     )

@@ -3,8 +3,8 @@
 The driver resolves the model in the registry, downloads its bundle (ONNX graph + skops pipeline +
 bundle.json, a few MB) and broadcasts the files. Each executor's Python worker rebuilds one `Scorer`
 from them (re-checked against the answers recorded at training time, as everywhere else) and scores
-its partitions with ``mapInArrow`` through :func:`custseg.workflows.batch.score_chunk` — the very function the
-local engine uses — so labels, probabilities and reject reasons are the same. Executors need custseg
+its partitions with ``mapInArrow`` through :func:`custseg.scoring.chunks.score_chunk` — the very function
+the local engine uses — so labels, probabilities and reject reasons are the same. Executors need custseg
 installed (see the docs on ``spark-submit``), but no access to MLflow.
 
 Inputs: a Parquet file or folder, a CSV file or folder (header line; values read as text and checked
@@ -48,10 +48,11 @@ import pyarrow as pa
 from custseg.errors import CustsegError, DataError
 from custseg.io.paths import check_paths
 from custseg.schema import ID_COLUMN
+from custseg.scoring.chunks import INPUT_COLUMNS, SEGMENT_COLUMN, output_schema, score_chunk
 from custseg.scoring.scorer import Scorer
 from custseg.scoring.verification import verify_files
 from custseg.settings import Settings
-from custseg.workflows.batch import INPUT_COLUMNS, SEGMENT_COLUMN, BatchSummary, output_schema, score_chunk
+from custseg.workflows.batch import BatchSummary
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -244,6 +245,7 @@ def score_spark(
     *,
     rejects: str | None = None,
     chunk_rows: int | None = None,
+    snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any], None] | None = None,
 ) -> BatchSummary:
     """Score ``input`` into the Parquet folder ``output``; rejects to ``rejects``.
 
@@ -284,6 +286,8 @@ def score_spark(
             _write_marker(spark, tmp, bundle.version)
         _replace(spark, tmp_out, output)
         _replace(spark, tmp_rejects, rejects)
+        if snapshot is not None:  # `--snapshot DATE`: custseg.workflows.spark_snapshots
+            snapshot(spark, frame, bundle, broadcast)
     except BaseException as exc:
         for tmp in (tmp_out, tmp_rejects):
             try:
@@ -459,8 +463,11 @@ def score_with_spark(
     model_uri: str | None = None,
     rejects: str | None = None,
     chunk_rows: int | None = None,
+    snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any], None] | None = None,
 ) -> BatchSummary:
     """What ``custseg score --engine spark`` does: load the model, get a session, score."""
     bundle = load_bundle(settings, model_uri)
     spark = spark_session()
-    return score_spark(spark, input, output, bundle, rejects=rejects, chunk_rows=chunk_rows)
+    return score_spark(
+        spark, input, output, bundle, rejects=rejects, chunk_rows=chunk_rows, snapshot=snapshot
+    )

@@ -1,11 +1,9 @@
-"""MLflow: tracking runs, the model registry, and the champion/challenger aliases.
+"""Training to registry: train on a validated frame, write the bundle, log the run, register, gate.
 
-Without ``MLFLOW_TRACKING_URI`` everything lives under ``CUSTSEG_HOME``: a SQLite tracking and registry
-store (``mlflow.db``) and local artifacts (``mlartifacts/``). With it, everything goes to that server.
-
-Every registered version carries the SHA-256 of its bundle files (`custseg.verification`); every download
-is checked against them before anything in it is parsed. A registry that cannot be reached raises
-`RegistryUnavailableError`, never "no model"; URIs in messages are redacted (`custseg.redact`).
+``train_and_register`` is what ``custseg train`` runs: model selection (`custseg.core.training`), the
+bundle written and parity-checked (`custseg.scoring.bundle`) with its SHA-256 digests
+(`custseg.scoring.verification`), the MLflow run (metrics, plots, the training reference for drift, the
+pyfunc model), the registered version, and the quality gate (`custseg.registry.gate`).
 """
 
 from __future__ import annotations
@@ -20,7 +18,10 @@ import mlflow
 import pandas as pd
 
 from custseg import schema
-from custseg.core.training import Candidate, TrainingResult
+from custseg.core.drift import reference_statistics
+from custseg.core.explain import importance_profile
+from custseg.core.generator import generate
+from custseg.core.training import Candidate, TrainingResult, train
 from custseg.registry.client import (
     MODEL_CODE,
     ModelRef,
@@ -32,9 +33,10 @@ from custseg.registry.client import (
     model_signature,
 )
 from custseg.registry.gate import GateDecision, apply_quality_gate
-from custseg.reports.plots import confusion_figure, importance_figure
+from custseg.reports.plots import confusion_figure, global_importance_figure, importance_figure
 from custseg.scoring.bundle import write_bundle
-from custseg.scoring.scorer import typed_frame
+from custseg.scoring.explainer import EXPLAINER_FILE, TreeExplainer
+from custseg.scoring.scorer import to_columns, typed_frame
 from custseg.scoring.verification import (
     DIGESTS_TAG,
     MODEL_CONFIG_KEY,
@@ -44,6 +46,9 @@ from custseg.scoring.verification import (
 from custseg.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+IMPORTANCE_ROWS = 10_000
+"""Training rows explained for the reference importance (a seeded sample beyond this)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ def register_training(
             parity_frames={"test_split": result.test_frame, "generated": parity_frame},
         )
         digests = encode_digests(bundle_digests(bundle_dir))
+        importance = reference_importance(bundle_dir, result)
+        if importance is not None:
+            reference = {**reference, "importance": importance}
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{result.selected}") as run:
             _log_run_contents(result, settings, data_source, full_frame, bundle_meta, reference, Path(tmp))
             model_info = mlflow.pyfunc.log_model(
@@ -169,6 +177,7 @@ def _log_run_contents(
     if result.feature_importances:
         mlflow.log_figure(importance_figure(result.feature_importances), "plots/feature_importance.png")
         mlflow.log_dict(result.feature_importances, "evaluation/feature_importance.json")
+    _log_explainer(bundle_meta, reference.get("importance"))
     mlflow.log_dict(reference, "reference/statistics.json")
     sample = result.train_frame.drop(columns=[schema.ID_COLUMN], errors="ignore")
     if len(sample) > 100_000:
@@ -185,6 +194,40 @@ def _log_run_contents(
         logger.debug("could not log dataset lineage: %s", exc)
 
 
+def reference_importance(bundle_dir: Path, result: TrainingResult) -> dict[str, Any] | None:
+    """Global importance of the new model on its training rows, from the bundle's own explainer (the one
+    every load will use); None when the model has no explainer."""
+    path = bundle_dir / EXPLAINER_FILE
+    if not path.exists():
+        return None
+    explainer = TreeExplainer.load(path)
+    rows = result.train_frame[list(schema.FEATURE_NAMES)]
+    if len(rows) > IMPORTANCE_ROWS:
+        rows = rows.sample(IMPORTANCE_ROWS, random_state=result.seed)
+    explanation = explainer.explain(to_columns(rows), threads=2)
+    classes = list(explainer.classes)
+    predicted = [classes.index(str(label)) for label in result.pipeline.predict(rows)]
+    profile = importance_profile(explanation.contributions, predicted, classes)
+    return {"output": explainer.output, "source": "training rows", **profile}
+
+
+def _log_explainer(bundle_meta: dict[str, Any], importance: dict[str, Any] | None) -> None:
+    """The explainer's check results as metrics and a tag; global importance as a table and a plot."""
+    check = bundle_meta.get("explainer", {})
+    mlflow.set_tag("custseg.explainable", str(bool(check.get("passed"))).lower())
+    mlflow.log_dict(check, "evaluation/explainer_check.json")
+    for key in ("max_abs_diff_vs_shap", "max_additivity_error"):
+        if isinstance(check.get(key), float):
+            mlflow.log_metric(f"explainer_{key}", check[key])
+    if importance is None:
+        return
+    table = pd.DataFrame(importance["by_segment"]).rename_axis("feature")
+    table.insert(0, "predicted_segment", pd.Series(importance["features"]))
+    mlflow.log_table(table.reset_index(), "evaluation/global_importance.json")
+    mlflow.log_text(table.to_csv(), "evaluation/global_importance.csv")
+    mlflow.log_figure(global_importance_figure(table, importance["output"]), "plots/global_importance.png")
+
+
 def train_and_register(
     frame: pd.DataFrame,
     settings: Settings,
@@ -194,10 +237,6 @@ def train_and_register(
     candidates: list[Candidate] | None = None,
 ) -> tuple[TrainingResult, Registration]:
     """Train on a validated frame, then log, register and gate the new version."""
-    from custseg.core.drift import reference_statistics
-    from custseg.core.generator import generate
-    from custseg.core.training import train
-
     result = train(
         frame, seed=settings.seed, cv_folds=settings.cv_folds, candidates=candidates, on_progress=on_progress
     )

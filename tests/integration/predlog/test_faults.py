@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from custseg.core.generator import generate
-from custseg.predlog.store import PredictionLog
+from custseg.predlog import PredictionLog
 from tests.conftest import TrainedHome
 from tests.monitoring_support import PgCluster, custseg_serve, metric_value, records
 

@@ -232,7 +232,7 @@ def test_deployment_files_agree_with_the_package() -> None:
 @pytest.mark.timeout(150)
 def test_a_tampered_bundle_never_loads_in_the_entry_script(model_dir: Path, tmp_path: Path) -> None:
     """A pipeline.skops calling builtins.exec with "onnx": false: init() refuses before parsing a file."""
-    from .test_bundle_verification import plant_exec
+    from tests.unit.registry.test_bundle_verification import plant_exec
 
     tampered = tmp_path / "model"
     shutil.copytree(model_dir, tampered)

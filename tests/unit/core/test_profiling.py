@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from custseg import schema
 from custseg.cli.app import app
 from custseg.core.generator import generate
-from custseg.core.profiling import class_balance, profile, profile_chunks
+from custseg.core.profile_results import class_balance
+from custseg.core.profiling import profile, profile_chunks
 from custseg.core.validation import validate_frame
 from custseg.errors import DataValidationError
 from custseg.io.generated import generate_file

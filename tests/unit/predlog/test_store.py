@@ -1,16 +1,17 @@
-"""The prediction log on SQLite and on the PostgreSQL server of this machine: writes, batching, bounded
-memory, flush on close, database outages, retention, feedback, window queries; and `custseg serve`
-logging every answered prediction (SIGTERM loses nothing; kill -9 loses at most a short window)."""
+"""The prediction log on SQLite, in process: writes, batching, bounded memory, flush on close,
+database outages, retention, feedback, window queries, refused rows, the spool, schema upgrades.
+
+The same tests run on PostgreSQL in tests/integration/predlog/test_store_postgresql.py (it collects them
+from here with its own ``backend`` fixture, so the backend-specific branches below are exercised there);
+`custseg serve` processes are in tests/integration/predlog/test_serve_logging.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import statistics
+import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,33 +25,20 @@ from typer.testing import CliRunner
 from custseg import schema
 from custseg.cli.app import app as cli_app
 from custseg.core.generator import generate
-from custseg.errors import DataValidationError
-from custseg.predlog.store import PredictionLog, PredictionLogError, UnknownFeedbackError
+from custseg.errors import ConfigurationError, DataValidationError
+from custseg.predlog import PredictionLog, PredictionLogError, UnknownFeedbackError
 from custseg.serving.app import create_app
 from custseg.settings import Settings
 from tests.conftest import TrainedHome
 from tests.monitoring_support import (
-    PG_URL,
     TcpProxy,
     app_server,
-    custseg_serve,
     free_port,
     metric_value,
     records,
 )
 
 ROWS = generate(200, seed=3)
-
-
-def _pg_reachable() -> None:
-    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("select 1"))
-    except sa.exc.OperationalError as exc:  # a required service: fail loudly, never skip
-        pytest.fail(f"PostgreSQL at {PG_URL} is not reachable: {exc}")
-    finally:
-        engine.dispose()
 
 
 @dataclass
@@ -61,17 +49,11 @@ class Backend:
     spool: Path
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+@pytest.fixture
+def backend(tmp_path: Path) -> Backend:
+    """A SQLite log in a temp folder (tests/integration/predlog overrides this with PostgreSQL)."""
     prefix = f"t{uuid.uuid4().hex[:10]}_"
-    if request.param == "sqlite":
-        yield Backend("sqlite", f"sqlite:///{tmp_path / 'predictions.db'}", prefix, tmp_path / "spool")
-        return
-    _pg_reachable()
-    yield Backend("postgresql", PG_URL, prefix, tmp_path / "spool")
-    cleanup = PredictionLog(PG_URL, table_prefix=prefix)
-    cleanup.drop_tables()
-    cleanup.close()
+    return Backend("sqlite", f"sqlite:///{tmp_path / 'predictions.db'}", prefix, tmp_path / "spool")
 
 
 def make_log(backend: Backend, **options: Any) -> PredictionLog:
@@ -384,90 +366,18 @@ def test_window_queries(backend: Backend) -> None:
     log.close()
 
 
-# -- custseg serve: every answered prediction in the log -------------------------------------------
+# -- the API and the CLI on the log ----------------------------------------------------------------
 
 
-def _serve_env(trained_home: TrainedHome, home: Path, **extra: str) -> dict[str, str]:
-    """A fresh CUSTSEG_HOME (so the default log lands there) reading the shared trained registry."""
+def serve_env(trained_home: TrainedHome, home: Path, **extra: str) -> dict[str, str]:
+    """A fresh CUSTSEG_HOME (so the default log lands there) reading the shared trained registry
+    (also used by tests/integration/predlog/test_serve_logging.py)."""
     return {
         "CUSTSEG_HOME": str(home),
         "MLFLOW_TRACKING_URI": f"sqlite:///{trained_home.home / 'mlflow.db'}",
         "CUSTSEG_MODEL_POLL_SECONDS": "0",
         **extra,
     }
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("store", ["sqlite-default", "postgresql"])
-def test_serve_sigterm_logs_every_answered_prediction(
-    store: str, trained_home: TrainedHome, tmp_path: Path
-) -> None:
-    home = tmp_path / "home"
-    extra: dict[str, str] = {}
-    prefix = f"t{uuid.uuid4().hex[:10]}_"
-    if store == "postgresql":
-        _pg_reachable()
-        extra = {"CUSTSEG_PREDICTION_LOG_URL": PG_URL, "CUSTSEG_PREDICTION_LOG_TABLE_PREFIX": prefix}
-    env = _serve_env(trained_home, home, **extra)
-    try:
-        with custseg_serve(env, log_path=tmp_path / "serve.log") as (process, url):
-            with httpx.Client(base_url=url) as client:
-                answered = 0
-                for i in range(100):  # 100 single-row requests and 50 two-row batches = 200 rows
-                    response = client.post("/predict", json=records(ROWS.iloc[i : i + 1])[0])
-                    answered += len(response.json()["prediction"])
-                for i in range(100, 200, 2):
-                    answered += len(
-                        client.post("/score", json=records(ROWS.iloc[i : i + 2])).json()["prediction"]
-                    )
-            assert answered == 200
-            process.send_signal(signal.SIGTERM)
-            # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15)
-            assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-            assert "Finished server process" in (tmp_path / "serve.log").read_text()
-        if store == "sqlite-default":
-            assert (home / "predictions.db").exists()
-        result = CliRunner().invoke(cli_app, ["monitor", "--format", "json", "--no-mlflow"], env=env)
-        assert result.exit_code == 0, result.output
-        report = json.loads(result.stdout)
-        assert report["n_current"] == 200
-        assert report["source"] == "prediction log" and report["model"]["version"] == "1"
-    finally:
-        if store == "postgresql":
-            cleanup = PredictionLog(PG_URL, table_prefix=prefix)
-            cleanup.drop_tables()
-            cleanup.close()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_kill_9_loses_at_most_the_flush_window(trained_home: TrainedHome, tmp_path: Path) -> None:
-    """Measures what a hard kill loses: requests answered after the last batch write (flush 0.2 s)."""
-    home = tmp_path / "home"
-    env = _serve_env(trained_home, home, CUSTSEG_PREDICTION_LOG_FLUSH_SECONDS="0.2")
-    acked: list[tuple[str, float]] = []
-    with custseg_serve(env, log_path=tmp_path / "serve.log") as (process, url):
-        with httpx.Client(base_url=url) as client:
-            body = records(ROWS.iloc[:1])[0]
-            stop_at = time.monotonic() + 3.0
-            while time.monotonic() < stop_at:
-                response = client.post("/predict", json=body)
-                acked.append((response.json()["request_id"], time.time()))
-        killed_at = time.time()
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    log = PredictionLog(f"sqlite:///{home / 'predictions.db'}")
-    logged = set(log.window()["request_id"])
-    log.close()
-    lost = [(rid, t) for rid, t in acked if rid not in logged]
-    window = killed_at - min(t for _, t in lost) if lost else 0.0
-    print(
-        f"\nkill -9: {len(acked)} answered in 3 s, {len(lost)} not logged; lost window {window * 1000:.0f} ms"
-    )
-    assert len(logged) >= len(acked) - len(lost) and len(acked) > 100
-    assert all(rid in logged for rid, t in acked if t < killed_at - 1.0), "rows older than 1 s were lost"
-    assert window < 1.0
 
 
 @pytest.mark.timeout(120)
@@ -537,10 +447,50 @@ def test_unreachable_database_is_one_clear_error(trained_home: TrainedHome, tmp_
         for secret in ("s3cret", "postgres", "127.0.0.1", "psycopg", "refused", "port"):
             assert secret not in message, (secret, message)
     log.close()
-    env = _serve_env(trained_home, tmp_path / "home", CUSTSEG_PREDICTION_LOG_URL=url)
+    env = serve_env(trained_home, tmp_path / "home", CUSTSEG_PREDICTION_LOG_URL=url)
     result = CliRunner().invoke(cli_app, ["monitor", "--no-mlflow"], env=env)
     assert result.exit_code != 0 and isinstance(result.exception, PredictionLogError)
     assert "s3cret" not in str(result.exception) and "127.0.0.1" not in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+nonexistentdriver://postgres:s3cret@db.example:5432/test",  # a driver that does not exist
+        "postgresql+psycopg://postgres:s3cret@db.example:5432/test",  # psycopg made unimportable below
+    ],
+)
+def test_postgresql_url_without_its_driver_says_which_extra_to_install(
+    url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A PostgreSQL URL with the `postgres` extra missing fails at once, naming the extra; it does not
+    start a log that spools forever."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` now raises ImportError
+    with pytest.raises(ConfigurationError) as caught:
+        PredictionLog(url, spool_dir=tmp_path / "spool")
+    message = str(caught.value)
+    assert "pip install 'custseg[postgres]'" in message and "CUSTSEG_PREDICTION_LOG_URL" in message
+    for secret in ("s3cret", "db.example", "5432"):
+        assert secret not in message, (secret, message)
+    settings = Settings(home=tmp_path / "home", prediction_log_url=url)
+    with pytest.raises(ConfigurationError, match=r"custseg\[postgres\]"):
+        PredictionLog.from_settings(settings)
+
+
+@pytest.mark.timeout(60)
+def test_serve_refuses_to_start_without_the_postgresql_driver(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`custseg serve` stops before starting its workers (each would fail alone, over and over)."""
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # not installed, whatever this machine has
+    env = {
+        "CUSTSEG_HOME": str(tmp_path / "home"),
+        "CUSTSEG_PREDICTION_LOG_URL": "postgresql+psycopg2://app:s3cret@db.internal/custseg",
+    }
+    result = CliRunner().invoke(cli_app, ["serve", "--port", str(free_port())], env=env)
+    assert isinstance(result.exception, ConfigurationError), result.output
+    message = str(result.exception)
+    assert "pip install 'custseg[postgres]'" in message and "s3cret" not in message
 
 
 # -- refused rows, reused ids, spool, feedback history (issue 10) ------------------------------------

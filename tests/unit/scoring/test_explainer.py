@@ -22,12 +22,8 @@ from custseg.core.explain import top_indices
 from custseg.core.generator import generate
 from custseg.core.training import build_pipeline
 from custseg.errors import ExplanationError
-from custseg.scoring.explainer import (
-    CHECK_TOLERANCE,
-    TreeExplainer,
-    check_explainer,
-    kernel_available,
-)
+from custseg.scoring.explainer import CHECK_TOLERANCE, TreeExplainer, kernel_available
+from custseg.scoring.explainer_check import check_explainer
 from custseg.scoring.scorer import to_columns
 
 FEATURES = list(schema.FEATURE_NAMES)
@@ -135,7 +131,7 @@ def test_the_predicted_segment_explanation_adds_up_to_its_probability(fitted: di
 
 
 def test_the_generators_rule_shows_in_the_top_reasons() -> None:
-    """Labels from custseg.core.generator.label_customers alone: high_value needs loyalty, spend and purchases."""
+    """Labels from the generator's own rule: high_value needs loyalty, spend and purchases."""
     training = generate(4_000, seed=21, label_noise=0.0)
     pipeline = build_pipeline(
         RandomForestClassifier(n_estimators=60, max_depth=8, class_weight="balanced", random_state=0)

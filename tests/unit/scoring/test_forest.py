@@ -85,7 +85,9 @@ def test_compiled_forest_gives_sklearns_probabilities_bit_for_bit(name: str, tra
 
 def test_the_kernel_is_built() -> None:
     """`pip install -e .` compiles custseg/_forest.c; without it batch scoring silently slows down."""
-    assert kernel_available(), "custseg._forest is missing: reinstall with a C compiler (gcc) available"
+    assert kernel_available(), (
+        "custseg.scoring._forest is missing: reinstall with a C compiler (gcc) available"
+    )
 
 
 def test_models_other_than_forests_are_not_compiled(training: pd.DataFrame) -> None:
@@ -130,7 +132,7 @@ def test_a_malformed_forest_is_refused(corrupt, message: str, training: pd.DataF
 @pytest.mark.skipif(not kernel_available(), reason="checked by test_the_kernel_is_built")
 def test_the_kernel_checks_its_arrays_itself(training: pd.DataFrame) -> None:
     """The C function never trusts its caller: bad indices, NaN thresholds and wrong types are errors."""
-    from custseg import _forest  # type: ignore[attr-defined]
+    from custseg.scoring import _forest  # type: ignore[attr-defined]
 
     forest = compile_pipeline(fitted("rf_default", training))
     assert forest is not None

@@ -24,10 +24,11 @@ import pytest
 from custseg.core.generator import generate
 from custseg.errors import DataError, DataValidationError
 from custseg.io.generated import write_generated
+from custseg.io.writers import TableWriter
 from custseg.registry.client import connect, download_bundle
 from custseg.schema import FEATURE_NAMES, ID_COLUMN
+from custseg.scoring import chunks
 from custseg.scoring.scorer import Scorer
-from custseg.workflows import batch
 from custseg.workflows.batch import EXIT_REJECTED, BatchProgress, score_file
 from tests.conftest import TrainedHome
 
@@ -314,16 +315,16 @@ def test_a_crash_mid_run_leaves_no_output_and_keeps_the_previous_one(
     out = tmp_path / "out.parquet"
     out.write_bytes(b"yesterday's complete output")
     (tmp_path / "out.rejects.csv").write_text("row,customer_id,reason\n")
-    real_write = batch._OutputWriter.write
+    real_write = TableWriter.write
     calls = {"n": 0}
 
-    def failing_write(self: batch._OutputWriter, table: object) -> None:
+    def failing_write(self: TableWriter, table: object) -> None:
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(28, "No space left on device")
         real_write(self, table)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(batch._OutputWriter, "write", failing_write)
+    monkeypatch.setattr(TableWriter, "write", failing_write)
     with pytest.raises(OSError, match="No space left"):
         score_file(source, out, scorer, "1", chunk_rows=2_000)
 
@@ -411,7 +412,7 @@ def test_threaded_scoring_gives_the_same_output(tmp_path: Path, scorer: Scorer) 
 
 
 def careful(table: pa.Table, scorer: Scorer) -> pa.Table:
-    return batch.score_chunk(table.to_pandas(), scorer, "1").output
+    return chunks.score_chunk(table.to_pandas(), scorer, "1").output
 
 
 @pytest.mark.parametrize(
@@ -433,18 +434,18 @@ def test_plainly_valid_chunks_skip_pandas_and_give_the_same_rows(
 ) -> None:
     frame = generate(3_000, seed=4).drop(columns=["customer_segment"])
     table = change(pa.Table.from_pandas(frame, preserve_index=False))
-    found = batch.plain_inputs(table)
+    found = chunks.plain_inputs(table)
     assert (found is not None) == plain
     if found is not None:
         ids, columns = found
-        fast = batch.output_table(ids, scorer.score_columns(columns), "1")
+        fast = chunks.output_table(ids, scorer.score_columns(columns), "1")
         assert fast.equals(careful(table, scorer))
 
 
 def test_anything_out_of_the_ordinary_goes_the_careful_way() -> None:
     good = pa.Table.from_pandas(generate(10, seed=1).drop(columns=["customer_segment"]), preserve_index=False)
     text = good.cast(pa.schema([(name, pa.string()) for name in good.column_names]))
-    assert batch.plain_inputs(text) is not None
+    assert chunks.plain_inputs(text) is not None
 
     def with_value(column: str, value: str | None) -> pa.Table:
         values = text.column(column).to_pylist()
@@ -462,4 +463,4 @@ def test_anything_out_of_the_ordinary_goes_the_careful_way() -> None:
         ("gender", "Other"),
         (ID_COLUMN, ""),
     ]:
-        assert batch.plain_inputs(with_value(column, value)) is None, (column, value)
+        assert chunks.plain_inputs(with_value(column, value)) is None, (column, value)

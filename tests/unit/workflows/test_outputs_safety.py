@@ -1,7 +1,8 @@
 """Safe batch outputs: spreadsheet-safe CSV, the API's numeric caps in batch, overlapping paths refused,
 and CLI messages that quote paths literally (issue 10, items 5, 8 and 10).
 
-The Spark engine's path rules and marker file are tested in `tests/test_spark.py` (they need a session).
+The Spark engine's path rules and marker file are tested in
+`tests/integration/workflows/test_spark.py` (they need a Spark session).
 """
 
 from __future__ import annotations

@@ -1,0 +1,194 @@
+"""Scoring one chunk of raw customer rows: the rows' checks, the model's answers, the output table.
+
+Both batch engines (the local :mod:`custseg.workflows.batch` and :mod:`custseg.workflows.spark`) score
+every chunk through :func:`score_chunk`, so labels, probabilities and reject reasons are the same
+whichever engine ran. A chunk is checked by the shared rules (:func:`custseg.core.validation.validate_frame`,
+:func:`custseg.core.validation.row_problems`); rows they refuse become rejects with a reason, the others
+are scored through ``Scorer.score_columns`` and laid out by :func:`output_table`.
+:func:`plain_inputs` is the fast path for chunks every row of which is plainly valid (no pandas at all).
+Pure functions: no files, no threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from custseg.core.validation import row_problems, validate_frame
+from custseg.errors import DataValidationError
+from custseg.schema import FEATURE_NAMES, FEATURES, ID_COLUMN
+from custseg.scoring.scorer import Scorer, Scores, to_columns
+
+INPUT_COLUMNS: tuple[str, ...] = (ID_COLUMN, *FEATURE_NAMES)
+SEGMENT_COLUMN = "segment"
+VERSION_COLUMN = "model_version"
+REJECT_COLUMNS: tuple[str, ...] = ("row", ID_COLUMN, "reason")
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One scored chunk: output rows (valid input rows, in input order) and rejected rows."""
+
+    output: pa.Table
+    rejects: pd.DataFrame
+    """Columns ``row`` (1-based input row, or -1 when unknown), ``customer_id``, ``reason``."""
+
+
+def output_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
+    """``customer_id, segment, proba_<class>..., model_version``."""
+    return pa.schema(
+        [
+            (ID_COLUMN, pa.string()),
+            (SEGMENT_COLUMN, pa.string()),
+            # float32: ONNX Runtime's precision (the compiled forest's float64 rounded), and CSV
+            # output without float noise.
+            *[(f"proba_{c}", pa.float32()) for c in classes],
+            (VERSION_COLUMN, pa.string()),
+        ]
+    )
+
+
+ScoreFn = Callable[[Mapping[str, np.ndarray]], Scores]
+
+
+def score_chunk(
+    frame: pd.DataFrame,
+    scorer: Scorer,
+    model_version: str,
+    *,
+    first_row: int = 1,
+    row_numbers: np.ndarray | None = None,
+    score_fn: ScoreFn | None = None,
+) -> ChunkResult:
+    """Check and score one chunk of raw rows (any extra columns are ignored).
+
+    ``row_numbers`` (1-based input rows of ``frame``'s rows) defaults to ``first_row, first_row + 1, ...``.
+    ``score_fn`` replaces ``scorer.score_columns`` (e.g. to spread a chunk over threads).
+    """
+    n = len(frame)
+    if n == 0:
+        empty = pa.Table.from_pylist([], schema=output_schema(scorer.classes))
+        return ChunkResult(empty, pd.DataFrame(columns=list(REJECT_COLUMNS)))
+    rows = row_numbers if row_numbers is not None else np.arange(first_row, first_row + n, dtype=np.int64)
+    ids = _ids(frame[ID_COLUMN])
+    features = frame[list(FEATURE_NAMES)].reset_index(drop=True)
+    try:
+        # Fast path: a clean chunk is checked (and typed) in one pass by the shared rules.
+        typed = validate_frame(features, require_label=False, require_id=False, source="chunk")
+        reasons = np.full(n, "", dtype=object)
+    except DataValidationError:
+        reasons = row_problems(features).to_numpy(dtype=object)
+        typed = None
+    empty_id = np.asarray(ids == "", dtype=bool)  # _ids has trimmed them
+    if empty_id.any():
+        reasons = reasons.copy()
+        for i in np.flatnonzero(empty_id):
+            reasons[i] = f"{ID_COLUMN} is empty" + (f"; {reasons[i]}" if reasons[i] else "")
+    bad = reasons != ""
+    if bad.any() or typed is None:
+        good = ~bad
+        if good.any():
+            # Raises (a real error, not a rejected row) only if the two rule paths ever disagree.
+            typed = validate_frame(
+                features.loc[good].reset_index(drop=True),
+                require_label=False,
+                require_id=False,
+                source="chunk",
+            )
+        else:
+            typed = features.iloc[0:0]
+        ids_ok = ids[good]
+    else:
+        ids_ok = ids
+    score = score_fn or scorer.score_columns
+    scores = (
+        score(to_columns(typed))
+        if len(typed)
+        else Scores(np.array([], dtype=str), np.zeros((0, len(scorer.classes))), scorer.classes)
+    )
+    output = output_table(pa.array(ids_ok, type=pa.string()), scores, model_version)
+    rejects = pd.DataFrame(
+        {"row": rows[bad], ID_COLUMN: ids[bad], "reason": reasons[bad]}, columns=list(REJECT_COLUMNS)
+    )
+    return ChunkResult(output, rejects)
+
+
+def _ids(series: pd.Series) -> np.ndarray:
+    """customer_id as trimmed text ('' for missing); numeric ids from Parquet become their text."""
+    if pd.api.types.is_float_dtype(series):
+        # Parquet integer ids with nulls arrive as floats; write 12 rather than 12.0.
+        text = series.map(lambda v: "" if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
+        return text.to_numpy(dtype=object)
+    return series.astype("str").str.strip().fillna("").to_numpy(dtype=object)
+
+
+def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | None:
+    """(trimmed ids, model inputs) when every row of ``table`` is plainly valid; None sends the chunk to
+    `score_chunk`, which checks each row with the shared rules and gives the reasons.
+
+    "Plainly valid" is a subset of what the shared rules accept, with the same values: numbers that
+    pyarrow's cast parses (the cast `validate_frame` itself uses) inside their domain, gender written
+    exactly ``Male`` or ``Female``, non-empty ids without padding (text, or Parquet integers). Anything
+    else (blanks, padding, other casing, nulls, other Parquet types) goes the careful way. This path
+    exists because turning millions of cells into Python objects for pandas costs more than scoring them.
+    """
+    if table.num_rows == 0:
+        return None
+    ids = table.column(ID_COLUMN)
+    if pa.types.is_integer(ids.type):
+        ids = pc.cast(ids, pa.string())  # Parquet integer ids: their decimal text, as `_ids` writes them
+    if not _is_text(ids.type) or ids.null_count:
+        return None
+    if not pc.all(pc.equal(pc.utf8_trim_whitespace(ids), ids)).as_py():
+        return None  # padded ids: trimmed by the shared rules
+    if pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py():
+        return None
+    columns: dict[str, np.ndarray] = {}
+    for feature in FEATURES:
+        column = table.column(feature.name)
+        if column.null_count:
+            return None
+        if not feature.is_numeric:
+            if not _is_text(column.type):
+                return None
+            categories = pa.array(feature.categories or (), column.type)
+            codes = pc.index_in(column, value_set=categories)
+            if codes.null_count:
+                return None
+            canonical = np.asarray(feature.categories)[codes.to_numpy(zero_copy_only=False)]
+            columns[feature.name] = canonical.reshape(-1, 1)
+            continue
+        kind = column.type
+        if not (_is_text(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            return None
+        try:
+            number = pc.cast(column, pa.float64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(number)
+            if feature.kind == "int":
+                ok &= number == np.floor(number)
+            ok &= (number >= feature.lower_bound) & (number <= feature.upper_bound)
+        if not ok.all():
+            return None
+        columns[feature.name] = number.astype(np.float32).reshape(-1, 1)
+    return ids.cast(pa.string()).combine_chunks(), columns
+
+
+def output_table(ids: pa.Array, scores: Scores, model_version: str) -> pa.Table:
+    """The output rows: ``customer_id, segment, proba_<class>..., model_version``."""
+    arrays: list[pa.Array] = [ids, pa.array(scores.labels, type=pa.string())]
+    for j in range(len(scores.classes)):
+        arrays.append(pa.array(scores.probabilities[:, j].astype(np.float32), type=pa.float32()))
+    arrays.append(pa.array(np.full(len(ids), model_version, dtype=object), type=pa.string()))
+    return pa.Table.from_arrays(arrays, schema=output_schema(scores.classes))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
