@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from custseg.io.snapshots import MARKER_FILE, PartWriter, SnapshotStore, feature_schema  # noqa: E402
 from custseg.schema import LABELS  # noqa: E402
 from custseg.settings import Settings  # noqa: E402
-from custseg.workflows.segments import customer_history, segment_moves  # noqa: E402
+from custseg.workflows.segments import customer_history, segment_moves
 
 CHUNK_ROWS = 100_000
 """As `custseg score` writes a snapshot: one sorted run of row groups per chunk (its default size)."""

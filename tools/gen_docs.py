@@ -46,6 +46,13 @@ COMMAND_GUIDES: dict[str, tuple[str, str]] = {
     "feedback": ("Prediction log and feedback", "operations/monitoring.md#feedback-the-true-segments-later"),
     "retrain": ("Retraining", "operations/retraining.md"),
     "explain": ("Why this segment? Explanations", "guides/explanations.md"),
+    "segments": ("Segments over time", "guides/segments.md"),
+    "list": ("Segments over time", "guides/segments.md"),
+    "sizes": ("Segments over time", "guides/segments.md"),
+    "moves": ("Segments over time", "guides/segments.md"),
+    "history": ("Segments over time", "guides/segments.md"),
+    "export": ("Segments over time", "guides/segments.md"),
+    "profile": ("Segments over time", "guides/segments.md"),
 }
 
 

@@ -63,6 +63,17 @@ def score(
     replace: Annotated[
         bool, typer.Option("--replace", help="Record --snapshot again when that date is already recorded.")
     ] = False,
+    reasons: Annotated[
+        int | None,
+        typer.Option(
+            "--reasons",
+            metavar="K",
+            min=1,
+            max=10,
+            help="Add the top K reasons (1-10) of each customer's segment: reason_1..reason_K (features, "
+            "most important first) and reason_1_contribution.. (exact Tree SHAP).",
+        ),
+    ] = None,
 ) -> None:
     """Score every customer in INPUT with the champion into OUTPUT, streaming in bounded memory.
 
@@ -93,6 +104,7 @@ def score(
             rejects=rejects,
             chunk_rows=chunk_rows if chunk_rows != DEFAULT_CHUNK_ROWS else None,
             snapshot=recorder.spark_sink() if recorder else None,
+            reasons=reasons or 0,
         )
     elif engine == "local":
         from custseg.registry.cache import load_batch_scorer
@@ -127,6 +139,7 @@ def score(
                 on_progress=on_progress,
                 raw_csv=raw_csv,
                 snapshot=recorder.local_writer() if recorder else None,
+                reasons=reasons or 0,
             )
     else:
         raise typer.BadParameter("use local or spark", param_hint="--engine")

@@ -20,7 +20,7 @@ from custseg.settings import Settings
 if TYPE_CHECKING:
     from custseg.io.snapshots import SnapshotStore, SnapshotWriter
     from custseg.workflows.batch import BatchSummary
-    from custseg.workflows.segments import SnapshotRecording
+    from custseg.workflows.recording import SnapshotRecording
 
 segments_app = typer.Typer(
     name="segments",
@@ -273,7 +273,8 @@ class SnapshotRecorder:
         if rec.duplicates:
             console.print(
                 f"[yellow]{rec.duplicates:,} row(s) with a customer_id already in the snapshot were left "
-                f"out of it[/] (first occurrence kept; listed in {escape(str(summary.rejects))})",
+                f"out of it[/] (first occurrence kept"
+                + (f"; listed in {escape(summary.rejects)})" if summary.rejects else ")"),
                 highlight=False,
             )
             if not summary.rows_rejected:
@@ -288,6 +289,6 @@ def snapshot_recorder(
         if replace:
             raise typer.BadParameter("--replace needs --snapshot DATE", param_hint="--replace")
         return None
-    from custseg.workflows.segments import SnapshotRecording
+    from custseg.workflows.recording import SnapshotRecording
 
     return SnapshotRecorder(SnapshotRecording(settings, _date(text, "--snapshot"), replace, engine))

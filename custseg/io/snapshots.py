@@ -10,10 +10,13 @@ Each row is one customer: ``customer_id, segment, proba_<class>..., model_name, 
 input features with the schema's types, and ``reason_<k>`` columns when the run recorded reasons. The
 date is the folder name only (hive partitioning), as Spark writes it.
 
+The local writer writes one part per snapshot, each scored chunk sorted by id in small row groups
+(:class:`PartWriter`), so a look-up by id reads a few row groups; Spark writes one part per partition.
 A snapshot is written into a hidden temporary folder beside its final place, every file fsynced, then
 renamed into place: readers see a whole snapshot or none. A date already recorded is replaced only on
-request. Duplicate ``customer_id``s are found at commit with DuckDB over the written parts; the first
-occurrence stays, the later ones are removed from the snapshot and returned as rejected rows.
+request. Duplicate ``customer_id``s are found at commit with DuckDB over the written part; the first
+occurrence stays, the later ones are removed from the snapshot (a rewrite of the part, only then) and
+returned as rejected rows.
 """
 
 from __future__ import annotations
@@ -266,7 +269,7 @@ class SnapshotWriter:
         try:
             found = con.execute(
                 "SELECT count(*) - count(DISTINCT customer_id) FROM read_parquet($part)", {"part": str(part)}
-            ).fetchone()
+            ).fetchall()[0]
             if not found or not found[0]:
                 return empty
             # File order is input order between chunks and a stable sort within them: first = lowest.

@@ -156,12 +156,14 @@ class PredictionLog:
         latency_ms: float | None,
         *,
         client_request_id: str | None = None,
+        reasons: Sequence[Any] | None = None,
     ) -> None:
         """Queue one answered request as it is (records with the feature attributes and ``customer_id``,
         the label array and the probability matrix whose columns follow ``classes``): the cheap hand-off
         for the API. ``request_id`` is the server's own id (the key); ``client_request_id`` the
-        client's X-Request-ID, kept beside it. The writer thread builds the rows (and shows them to the
-        companions); same bound, drop counting and guarantees as :meth:`submit`."""
+        client's X-Request-ID, kept beside it; ``reasons`` (one explanation per record, when the request
+        asked for them) become the rows' ``reasons`` text. The writer thread builds the rows (and shows
+        them to the companions); same bound, drop counting and guarantees as :meth:`submit`."""
         self.writer.submit_scored(
             (
                 request_id,
@@ -174,6 +176,7 @@ class PredictionLog:
                 classes,
                 latency_ms,
                 client_request_id,
+                reasons,
             )
         )
 

@@ -8,6 +8,7 @@ feedback-history rows with the server's time and the sender.
 from __future__ import annotations
 
 import functools
+import json
 import numbers
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ def entries_to_rows(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
             "label": str(entry["label"]),
             "latency_ms": None if entry.get("latency_ms") is None else float(entry["latency_ms"]),
             "client_request_id": _optional_text(entry.get("client_request_id")),
+            "reasons": reasons_text(entry.get("reasons")),
         }
         for f in schema.FEATURES:
             row[f.name] = features.get(f.name)
@@ -77,16 +79,19 @@ def scored_rows(
     classes: Sequence[str],
     latency_ms: float | None,
     client_request_id: str | None = None,
+    reasons: Sequence[Any] | None = None,
 ) -> list[tuple[Any, ...]]:
-    """One request's table rows (predictions columns in table order, without ``id``)."""
+    """One request's table rows (predictions columns in table order, without ``id``); ``reasons``, one
+    per record when the request asked for them, are stored with :func:`reasons_text`."""
     picks = _label_positions(tuple(classes))
     meta = (float(ts), str(model_name), str(model_version))
     rid = str(request_id)
     latency = None if latency_ms is None else float(latency_ms)
     client_id = _optional_text(client_request_id)
+    texts = [None] * len(records) if reasons is None else [reasons_text(r) for r in reasons]
     rows = []
-    for i, (record, label, p) in enumerate(
-        zip(records, _tolist(labels), _tolist(probabilities), strict=True)
+    for i, (record, label, p, text) in enumerate(
+        zip(records, _tolist(labels), _tolist(probabilities), texts, strict=True)
     ):
         customer = record.customer_id
         rows.append(
@@ -100,9 +105,22 @@ def scored_rows(
                 *[None if j is None else float(p[j]) for j in picks],
                 latency,
                 client_id,
+                text,
             )
         )
     return rows
+
+
+def reasons_text(reasons: Any) -> str | None:
+    """One row's reasons as the log stores them: compact JSON ``[["R04+",0.219744],...]`` (reason code,
+    contribution rounded to 6 decimals), largest |contribution| first; the code names the feature and the
+    direction. Takes an explanation (anything with ``reasons`` of ``code``/``contribution``), a list of
+    such reasons, or text already in this form; None stays None."""
+    if reasons is None or isinstance(reasons, str):
+        return reasons
+    items = getattr(reasons, "reasons", reasons)
+    pairs = [[str(r.code), round(float(r.contribution), 6)] for r in items]
+    return json.dumps(pairs, separators=(",", ":"))
 
 
 def row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
@@ -118,9 +136,10 @@ def row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
             "customer_id": r[5],
             "features": dict(zip(names, r[6 : 6 + nf], strict=True)),
             "label": r[6 + nf],
-            "probabilities": {k: v for k, v in zip(labels, r[7 + nf : -2], strict=True) if v is not None},
-            "latency_ms": r[-2],
-            "client_request_id": r[-1],
+            "probabilities": {k: v for k, v in zip(labels, r[7 + nf : -3], strict=True) if v is not None},
+            "latency_ms": r[-3],
+            "client_request_id": r[-2],
+            "reasons": r[-1],
         }
         for r in rows
     ]

@@ -60,6 +60,9 @@ def build_tables(prefix: str = "") -> Tables:
         # The server's own id is the key; a client's X-Request-ID is kept beside it (last, so that
         # ensure_schema can add it to an older table).
         sa.Column("client_request_id", sa.String(128)),
+        # The reasons the API answered with, when the request asked for them (`?explain=K`): compact
+        # JSON [[code, contribution], ...], largest |contribution| first (custseg.predlog.rows.reasons_text).
+        sa.Column("reasons", sa.Text),
         sa.UniqueConstraint("request_id", "row_index", name=f"{prefix}uq_predictions_request_row"),
         sa.Index(f"{prefix}ix_predictions_ts", "ts"),
         sa.Index(f"{prefix}ix_predictions_customer", "customer_id"),
@@ -91,6 +94,13 @@ def build_tables(prefix: str = "") -> Tables:
     return Tables(metadata, predictions, feedback, quarantine)
 
 
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("client_request_id", "VARCHAR(128)"),
+    ("reasons", "TEXT"),
+)
+"""Nullable predictions columns later versions added, in table order (always last): name, SQL type."""
+
+
 def ensure_schema(engine: Engine, tables: Tables) -> None:
     """Create the tables if missing (safe when several replicas start at once) and add what older
     versions lacked."""
@@ -103,14 +113,16 @@ def ensure_schema(engine: Engine, tables: Tables) -> None:
 
 
 def _upgrade_schema(engine: Engine, tables: Tables) -> None:
-    """Tables of an older custseg: add ``client_request_id``; copy the old one-row-per-key feedback
-    table (``<prefix>feedback``, kept as it was) into the history once."""
+    """Tables of an older custseg: add the columns it lacked (:data:`ADDED_COLUMNS`); copy the old
+    one-row-per-key feedback table (``<prefix>feedback``, kept as it was) into the history once."""
     inspector = sa.inspect(engine)
     predictions, feedback = tables.predictions, tables.feedback
-    if "client_request_id" not in {c["name"] for c in inspector.get_columns(predictions.name)}:
-        quoted = engine.dialect.identifier_preparer.format_table(predictions)
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"ALTER TABLE {quoted} ADD COLUMN client_request_id VARCHAR(128)")
+    present = {c["name"] for c in inspector.get_columns(predictions.name)}
+    quoted = engine.dialect.identifier_preparer.format_table(predictions)
+    for name, sql_type in ADDED_COLUMNS:
+        if name not in present:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {quoted} ADD COLUMN {name} {sql_type}")
     legacy = feedback.name.removesuffix("_history")
     if inspector.has_table(legacy):
         old = sa.Table(legacy, sa.MetaData(), autoload_with=engine)

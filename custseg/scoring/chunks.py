@@ -6,7 +6,10 @@ whichever engine ran. A chunk is checked by the shared rules (:func:`custseg.cor
 :func:`custseg.core.validation.row_problems`); rows they refuse become rejects with a reason, the others
 are scored through ``Scorer.score_columns`` and laid out by :func:`output_table`.
 :func:`plain_inputs` is the fast path for chunks every row of which is plainly valid (no pandas at all).
-Pure functions: no files, no threads.
+With ``reasons=K`` (``custseg score --reasons K``) each scored row also gets the top K features of its
+predicted segment (exact Tree SHAP, :meth:`custseg.scoring.scorer.Scorer.contributions`) in
+``reason_1`` ... ``reason_K`` and their signed contributions in ``reason_1_contribution`` ...; without
+it the output is exactly what it always was. Pure functions: no files, no threads.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from custseg.core.explain import top_indices
 from custseg.core.validation import row_problems, validate_frame
-from custseg.errors import DataValidationError
+from custseg.errors import DataError, DataValidationError, ExplanationError
 from custseg.schema import FEATURE_NAMES, FEATURES, ID_COLUMN
 from custseg.scoring.scorer import Scorer, Scores, to_columns
 
@@ -28,6 +32,8 @@ INPUT_COLUMNS: tuple[str, ...] = (ID_COLUMN, *FEATURE_NAMES)
 SEGMENT_COLUMN = "segment"
 VERSION_COLUMN = "model_version"
 REJECT_COLUMNS: tuple[str, ...] = ("row", ID_COLUMN, "reason")
+MAX_REASONS = len(FEATURE_NAMES)
+"""Most reasons per row ``--reasons K`` may ask for: every feature."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,64 @@ class ChunkResult:
     """Columns ``row`` (1-based input row, or -1 when unknown), ``customer_id``, ``reason``."""
 
 
-def output_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
-    """``customer_id, segment, proba_<class>..., model_version``."""
+@dataclass(frozen=True)
+class TopReasons:
+    """The top K reasons of each row's predicted segment: feature names and signed contributions,
+    ``(rows, K)`` each, largest |contribution| first."""
+
+    features: np.ndarray
+    contributions: np.ndarray
+
+    @classmethod
+    def empty(cls, k: int) -> TopReasons:
+        return cls(np.zeros((0, k), dtype=object), np.zeros((0, k)))
+
+    @classmethod
+    def concatenate(cls, parts: list[TopReasons]) -> TopReasons:
+        return cls(
+            np.concatenate([p.features for p in parts]), np.concatenate([p.contributions for p in parts])
+        )
+
+
+def reason_columns(k: int) -> list[str]:
+    """``reason_1 ... reason_K, reason_1_contribution ... reason_K_contribution``."""
+    return [f"reason_{i}" for i in range(1, k + 1)] + [f"reason_{i}_contribution" for i in range(1, k + 1)]
+
+
+def unexplainable(scorer: Scorer) -> str | None:
+    """Why ``scorer`` cannot give reasons; None when it can."""
+    if scorer.explainer is not None:
+        return None
+    return scorer.explainer_problem or "its bundle has no explainer"
+
+
+def check_reasons(reasons: int, problem: str | None) -> None:
+    """Refuse ``reasons`` outside 0..10, or any reasons from a model that cannot be explained (``problem``
+    says why, see :func:`unexplainable`)."""
+    if not 0 <= reasons <= MAX_REASONS:
+        raise DataError(
+            f"reasons must be between 1 and {MAX_REASONS} (the number of features); got {reasons}."
+        )
+    if reasons and problem is not None:
+        raise ExplanationError(
+            f"this model cannot give reasons: {problem}. Score without --reasons, or use a model trained "
+            "with explanations (`custseg train`)."
+        )
+
+
+def top_reasons(scorer: Scorer, columns: Mapping[str, np.ndarray], scores: Scores, k: int) -> TopReasons:
+    """The top ``k`` reasons of rows already scored (``scores`` of the same rows: nothing is scored again)."""
+    if len(scores.labels) == 0:
+        return TopReasons.empty(k)
+    _, _, contributions = scorer.contributions(columns, scores)
+    top = top_indices(contributions, k)
+    names = np.asarray(FEATURE_NAMES, dtype=object)[top]
+    return TopReasons(names, np.take_along_axis(contributions, top, axis=1))
+
+
+def output_schema(classes: tuple[str, ...] | list[str], reasons: int = 0) -> pa.Schema:
+    """``customer_id, segment, proba_<class>..., model_version`` (+ the ``reasons`` columns)."""
+    names = reason_columns(reasons)
     return pa.schema(
         [
             (ID_COLUMN, pa.string()),
@@ -49,11 +111,14 @@ def output_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
             # output without float noise.
             *[(f"proba_{c}", pa.float32()) for c in classes],
             (VERSION_COLUMN, pa.string()),
+            *[(name, pa.string()) for name in names[:reasons]],
+            *[(name, pa.float32()) for name in names[reasons:]],
         ]
     )
 
 
 ScoreFn = Callable[[Mapping[str, np.ndarray]], Scores]
+ReasonsFn = Callable[[Mapping[str, np.ndarray], Scores], TopReasons]
 
 
 def score_chunk(
@@ -64,15 +129,18 @@ def score_chunk(
     first_row: int = 1,
     row_numbers: np.ndarray | None = None,
     score_fn: ScoreFn | None = None,
+    reasons: int = 0,
+    reasons_fn: ReasonsFn | None = None,
 ) -> ChunkResult:
     """Check and score one chunk of raw rows (any extra columns are ignored).
 
     ``row_numbers`` (1-based input rows of ``frame``'s rows) defaults to ``first_row, first_row + 1, ...``.
-    ``score_fn`` replaces ``scorer.score_columns`` (e.g. to spread a chunk over threads).
+    ``score_fn`` replaces ``scorer.score_columns`` (e.g. to spread a chunk over threads); ``reasons``
+    adds the top-K reason columns, computed by ``reasons_fn`` (default :func:`top_reasons`).
     """
     n = len(frame)
     if n == 0:
-        empty = pa.Table.from_pylist([], schema=output_schema(scorer.classes))
+        empty = pa.Table.from_pylist([], schema=output_schema(scorer.classes, reasons))
         return ChunkResult(empty, pd.DataFrame(columns=list(REJECT_COLUMNS)))
     rows = row_numbers if row_numbers is not None else np.arange(first_row, first_row + n, dtype=np.int64)
     ids = _ids(frame[ID_COLUMN])
@@ -106,12 +174,16 @@ def score_chunk(
     else:
         ids_ok = ids
     score = score_fn or scorer.score_columns
+    columns = to_columns(typed)
     scores = (
-        score(to_columns(typed))
+        score(columns)
         if len(typed)
         else Scores(np.array([], dtype=str), np.zeros((0, len(scorer.classes))), scorer.classes)
     )
-    output = output_table(pa.array(ids_ok, type=pa.string()), scores, model_version)
+    top = None
+    if reasons:
+        top = (reasons_fn or (lambda c, s: top_reasons(scorer, c, s, reasons)))(columns, scores)
+    output = output_table(pa.array(ids_ok, type=pa.string()), scores, model_version, top)
     rejects = pd.DataFrame(
         {"row": rows[bad], ID_COLUMN: ids[bad], "reason": reasons[bad]}, columns=list(REJECT_COLUMNS)
     )
@@ -181,13 +253,20 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
     return ids.cast(pa.string()).combine_chunks(), columns
 
 
-def output_table(ids: pa.Array, scores: Scores, model_version: str) -> pa.Table:
-    """The output rows: ``customer_id, segment, proba_<class>..., model_version``."""
+def output_table(
+    ids: pa.Array, scores: Scores, model_version: str, reasons: TopReasons | None = None
+) -> pa.Table:
+    """The output rows: ``customer_id, segment, proba_<class>..., model_version`` (+ the reasons)."""
     arrays: list[pa.Array] = [ids, pa.array(scores.labels, type=pa.string())]
     for j in range(len(scores.classes)):
         arrays.append(pa.array(scores.probabilities[:, j].astype(np.float32), type=pa.float32()))
     arrays.append(pa.array(np.full(len(ids), model_version, dtype=object), type=pa.string()))
-    return pa.Table.from_arrays(arrays, schema=output_schema(scores.classes))
+    k = 0
+    if reasons is not None:
+        k = reasons.features.shape[1]
+        arrays += [pa.array(reasons.features[:, i], type=pa.string()) for i in range(k)]
+        arrays += [pa.array(reasons.contributions[:, i].astype(np.float32), pa.float32()) for i in range(k)]
+    return pa.Table.from_arrays(arrays, schema=output_schema(scores.classes, k))
 
 
 def _is_text(kind: pa.DataType) -> bool:

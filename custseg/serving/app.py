@@ -24,6 +24,7 @@ from custseg.serving.metrics import ApiMetrics
 from custseg.serving.middleware import ApiMiddleware
 from custseg.serving.openapi import DESCRIPTION, install_openapi
 from custseg.serving.routes import add_routes
+from custseg.serving.ui.pages import add_routes as add_pages
 from custseg.settings import Settings
 
 
@@ -41,11 +42,12 @@ def create_app(
         description=DESCRIPTION,
         version=custseg.__version__,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # /docs is served from vendored Swagger UI files (custseg.serving.ui.pages)
         redoc_url=None,
     )
     install_state(app, settings, model_uri, prediction_log)
     add_routes(app, settings)
+    add_pages(app, settings)
     for exc_class in HANDLED:
         app.add_exception_handler(exc_class, handle_error)
     install_openapi(app)

@@ -65,6 +65,7 @@ class PredictionLog(Protocol):
         latency_ms: float | None,
         *,
         client_request_id: str | None = None,
+        reasons: Sequence[Any] | None = None,
     ) -> None: ...
     def close(self) -> None: ...
 
@@ -159,6 +160,7 @@ class PredictionRecorder:
     def __init__(self, log: PredictionLog) -> None:
         self.log = log
         self.with_client_ids = _accepts_keyword(log.submit_scored, "client_request_id")
+        self.with_reasons = _accepts_keyword(log.submit_scored, "reasons")
 
     def record(
         self,
@@ -168,10 +170,18 @@ class PredictionRecorder:
         request_id: str,
         started: float | None,
         client_request_id: str | None,
+        *,
+        explanations: Sequence[Any] | None = None,
     ) -> None:
+        """``explanations`` (one per record, when the request asked for reasons) are logged as the
+        rows' ``reasons``; the log's writer thread formats them, not the request."""
         latency_ms = (time.perf_counter() - started) * 1000 if started else 0.0
         ref = loaded.ref
-        extra = {"client_request_id": client_request_id} if client_request_id and self.with_client_ids else {}
+        extra: dict[str, Any] = (
+            {"client_request_id": client_request_id} if client_request_id and self.with_client_ids else {}
+        )
+        if explanations is not None and self.with_reasons:
+            extra["reasons"] = explanations
         self.log.submit_scored(
             request_id,
             time.time(),

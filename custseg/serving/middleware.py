@@ -195,7 +195,7 @@ class ApiMiddleware:
                 )
         if not self.keys:
             scope["custseg.key"] = ANONYMOUS
-        elif path not in self.open_paths:
+        elif path not in self.open_paths and not is_ui_path(path):
             key = self._authenticate(presented)
             if key is None:
                 return AuthenticationError("a valid API key is required (X-API-Key or Authorization: Bearer)")
@@ -243,6 +243,12 @@ class ApiMiddleware:
             return message
 
         return counted
+
+
+def is_ui_path(path: str) -> bool:
+    """The web app (``/ui``, ``/ui/...``): its pages decide access themselves (custseg.serving.ui.pages),
+    and its form posts carry a CSRF token instead of being JSON."""
+    return path == "/ui" or path.startswith("/ui/")
 
 
 def _is_json(content_type: bytes | None) -> bool:

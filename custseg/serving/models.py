@@ -133,6 +133,62 @@ class ModelSummary(BaseModel):
     version: str = Field(examples=["1"])
 
 
+EXPLAIN_MAX = len(schema.FEATURE_NAMES)
+"""Most reasons ``?explain=K`` may ask for: every feature (then base value + contributions = probability)."""
+
+EXPLANATION_EXAMPLE: dict[str, Any] = {
+    "segment": "medium_value",
+    "base_value": 0.332635,
+    "reasons": [
+        {
+            "code": "R04+",
+            "feature": "total_spent",
+            "value": 49624,
+            "contribution": 0.219744,
+            "text": "Total spent of 49,624 is high for this segment: +0.22",
+        },
+        {
+            "code": "R08+",
+            "feature": "loyalty_program",
+            "value": 0,
+            "contribution": 0.204161,
+            "text": "Loyalty program 0 counts for this segment: +0.20",
+        },
+    ],
+}
+
+
+class ReasonItem(BaseModel):
+    """One feature's part in one customer's segment (codes: docs/guides/explanations.md)."""
+
+    code: str = Field(
+        description="Stable reason code: R + the feature's number (R01 age ... R10 num_site_visits) + "
+        "the direction (+ raised the segment's probability, - lowered it).",
+        examples=["R04+"],
+    )
+    feature: str = Field(examples=["total_spent"])
+    value: float | int | str = Field(description="The customer's value of the feature.", examples=[49624])
+    contribution: float = Field(
+        description="Signed Shapley contribution to the segment's probability (exact Tree SHAP; "
+        "log-odds for gradient boosting models).",
+        examples=[0.219744],
+    )
+    text: str = Field(examples=["Total spent of 49,624 is high for this segment: +0.22"])
+
+
+class ExplanationItem(BaseModel):
+    """Why one record got its segment: the base value and the top K reasons, largest |contribution| first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPLANATION_EXAMPLE]})
+
+    segment: str = Field(description="The predicted segment (the same as `prediction` at this position).")
+    base_value: float = Field(
+        description="The model's average probability of this segment over its training data; base_value + "
+        f"all {EXPLAIN_MAX} contributions = the segment's probability (unrounded, within 1e-6)."
+    )
+    reasons: list[ReasonItem]
+
+
 class PredictionResponse(BaseModel):
     """Labels in request order; ``prediction`` stays a list even for one record (prototype clients)."""
 
@@ -149,6 +205,12 @@ class PredictionResponse(BaseModel):
     )
     customer_ids: list[str | None] | None = Field(
         default=None, description="Present when any record carried a customer_id."
+    )
+    explanations: list[ExplanationItem] | None = Field(
+        default=None,
+        description="Present only with `?explain=K`: one item per record, parallel to `prediction`, with "
+        "the top K reasons of the predicted segment.",
+        examples=[[EXPLANATION_EXAMPLE]],
     )
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from custseg import schema
 from custseg.serving.middleware import OPEN_PATHS
-from custseg.serving.models import JSON, CustomerRecord, ErrorResponse, FeedbackRecord
+from custseg.serving.models import EXPLAIN_MAX, JSON, CustomerRecord, ErrorResponse, FeedbackRecord
 
 DESCRIPTION = (
     "Scores customers into `low_value`, `medium_value` or `high_value` with the registry's champion "
@@ -46,6 +46,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     413: "Body larger than the configured limit.",
     415: "The body is not sent as application/json.",
     422: "Invalid records (or too many): every problem with its field and row.",
+    501: "`explain` was asked of a model that cannot be explained exactly (the message says why).",
     503: "No model is loaded yet.",
 }
 
@@ -76,7 +77,28 @@ def scoring_body(max_rows: int) -> dict[str, Any]:
         },
     }
     content = {"schema": _one_or_many(CustomerRecord, max_rows), "examples": examples}
-    return {"requestBody": {"required": True, "content": {JSON: content}}}
+    return {
+        "parameters": [explain_parameter()],
+        "requestBody": {"required": True, "content": {JSON: content}},
+    }
+
+
+def explain_parameter() -> dict[str, Any]:
+    """The ``explain`` query parameter of /predict and /score (read by the route, not by FastAPI)."""
+    return {
+        "name": "explain",
+        "in": "query",
+        "required": False,
+        "description": (
+            f"Add `explanations`: the top K reasons (1 to {EXPLAIN_MAX}) of each record's segment, exact "
+            f"Tree SHAP contributions with stable reason codes. With {EXPLAIN_MAX} every feature is "
+            "listed, so base_value + the contributions = the segment's probability. Left out: the "
+            "answer has no `explanations` (and costs nothing more). A model that cannot be explained "
+            "exactly answers 501 `not_explainable`."
+        ),
+        "schema": {"type": "integer", "minimum": 1, "maximum": EXPLAIN_MAX},
+        "example": 3,
+    }
 
 
 def feedback_body() -> dict[str, Any]:

@@ -52,11 +52,16 @@ from custseg.scoring.chunks import (
     REJECT_COLUMNS,
     SEGMENT_COLUMN,
     ChunkResult,
+    ReasonsFn,
     ScoreFn,
+    TopReasons,
+    check_reasons,
     output_schema,
     output_table,
     plain_inputs,
     score_chunk,
+    top_reasons,
+    unexplainable,
 )
 from custseg.scoring.scorer import Scorer, Scores
 
@@ -174,16 +179,37 @@ def _threaded_score(scorer: Scorer, pool: ThreadPoolExecutor, workers: int) -> S
     return score
 
 
+def _threaded_reasons(scorer: Scorer, pool: ThreadPoolExecutor, workers: int, k: int) -> ReasonsFn:
+    """The top ``k`` reasons of a scored chunk over ``workers`` threads (the kernel releases the GIL)."""
+
+    def reasons(columns: Mapping[str, np.ndarray], scores: Scores) -> TopReasons:
+        n = len(scores.labels)
+        if workers < 2 or n < 256:
+            return top_reasons(scorer, columns, scores, k)
+        bounds = np.linspace(0, n, workers + 1, dtype=int)
+        parts = [
+            (
+                {name: v[a:b] for name, v in columns.items()},
+                Scores(scores.labels[a:b], scores.probabilities[a:b], scores.classes),
+            )
+            for a, b in itertools.pairwise(bounds)
+        ]
+        return TopReasons.concatenate(list(pool.map(lambda part: top_reasons(scorer, *part, k), parts)))
+
+    return reasons
+
+
 @dataclass
 class _InFlight:
-    """A plainly valid chunk whose scores are being computed."""
+    """A plainly valid chunk whose scores (and reasons, when asked) are being computed."""
 
     chunk: Chunk
     ids: pa.Array
-    scores: Future[Scores]
+    scores: Future[tuple[Scores, TopReasons | None]]
 
     def result(self, model_version: str) -> ChunkResult:
-        return ChunkResult(output_table(self.ids, self.scores.result(), model_version), _NO_REJECTS)
+        scores, reasons = self.scores.result()
+        return ChunkResult(output_table(self.ids, scores, model_version, reasons), _NO_REJECTS)
 
 
 def _prefetch(chunks: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
@@ -235,6 +261,7 @@ def score_file(
     on_progress: Callable[[BatchProgress], None] | None = None,
     raw_csv: bool = False,
     snapshot: SnapshotWriter | None = None,
+    reasons: int = 0,
 ) -> BatchSummary:
     """Score every row of a CSV/Parquet file into ``output`` (CSV or Parquet, by extension or ``fmt``).
 
@@ -246,9 +273,12 @@ def score_file(
     CSV text cells a spreadsheet would evaluate (``=``, ``+``, ``-``, ``@``, tab, CR first) get a
     leading ``'`` (:func:`custseg.io.csv_safety.spreadsheet_safe`) unless ``raw_csv``; Parquet keeps
     values as they are. Paths that overlap (:func:`custseg.io.paths.check_paths`) raise
-    :class:`DataError` before anything is read.
+    :class:`DataError` before anything is read. ``reasons=K`` adds the top K reasons of each row's
+    segment (``reason_1`` ... and ``reason_1_contribution`` ...); a model that cannot be explained raises
+    :class:`~custseg.errors.ExplanationError` first.
     """
     started = time.perf_counter()
+    check_reasons(reasons, unexplainable(scorer))
     input, output = Path(input), Path(output)
     if chunk_rows < 1:
         raise DataError(f"chunk_rows must be 1 or more (got {chunk_rows}).")
@@ -262,7 +292,7 @@ def score_file(
     output.parent.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
 
-    writer = TableWriter(output, out_fmt, output_schema(scorer.classes), raw_csv=raw_csv)
+    writer = TableWriter(output, out_fmt, output_schema(scorer.classes, reasons), raw_csv=raw_csv)
     rejects_writer = (
         RowsWriter(rejects_path, REJECT_COLUMNS, text_columns=(ID_COLUMN, "reason"), raw_csv=raw_csv)
         if rejects_path is not None
@@ -309,6 +339,12 @@ def score_file(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="custseg-batch") as scoring,
         ):
             score_fn = _threaded_score(scorer, pool, workers)
+            reasons_fn = _threaded_reasons(scorer, pool, workers, reasons) if reasons else None
+
+            def scored(columns: Mapping[str, np.ndarray]) -> tuple[Scores, TopReasons | None]:
+                scores = score_fn(columns)
+                return scores, reasons_fn(columns, scores) if reasons_fn is not None else None
+
             # A chunk is scored (on every core) while the next one is checked and the last one written.
             in_flight: _InFlight | None = None
             for chunk in _prefetch(source.chunks()):
@@ -316,13 +352,19 @@ def score_file(
                 previous, in_flight = in_flight, None
                 if plain is not None:
                     ids, columns = plain
-                    in_flight = _InFlight(chunk, ids, scoring.submit(score_fn, columns))
+                    in_flight = _InFlight(chunk, ids, scoring.submit(scored, columns))
                 if previous is not None:
                     finish(previous.chunk, previous.result(model_version))
                 if plain is None:
                     # Some row needs the shared rules' closer look (and perhaps a reject reason).
                     result = score_chunk(
-                        chunk.frame, scorer, model_version, row_numbers=chunk.rows, score_fn=score_fn
+                        chunk.frame,
+                        scorer,
+                        model_version,
+                        row_numbers=chunk.rows,
+                        score_fn=score_fn,
+                        reasons=reasons,
+                        reasons_fn=reasons_fn,
                     )
                     finish(chunk, result)
             if in_flight is not None:

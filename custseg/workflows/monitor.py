@@ -42,7 +42,7 @@ from custseg.registry.client import (
 from custseg.reports.monitor import html_report
 from custseg.scoring.scorer import Scorer, prepare_frame, to_columns
 from custseg.settings import Settings
-from custseg.workflows.segments import share_shift_report
+from custseg.workflows.recording import share_shift_report
 
 
 @dataclass

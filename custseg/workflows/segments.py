@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import date
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,18 +34,16 @@ from custseg.core.segments import (
     row_shares,
     segment_order,
     share_difference,
-    share_shift,
 )
 from custseg.errors import SnapshotError
 from custseg.io.csv_safety import is_text, spreadsheet_safe
-from custseg.io.snapshots import REASON_PREFIX, SnapshotStore, SnapshotWriter
+from custseg.io.snapshots import REASON_PREFIX, SnapshotStore
 from custseg.schema import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURES_BY_NAME, NUMERIC_FEATURES
 from custseg.settings import Settings
 
 if TYPE_CHECKING:
     import duckdb
 
-    from custseg.workflows.batch import BatchSummary
 
 SQL_FOLDER = Path(__file__).parent / "sql"
 
@@ -61,7 +58,9 @@ def _literal(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _duckdb(store: SnapshotStore, views: dict[str, Sequence[date]]) -> Iterator[duckdb.DuckDBPyConnection]:
+def snapshot_connection(
+    store: SnapshotStore, views: dict[str, Sequence[date]]
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB with one view per name over the Parquet parts of the given dates."""
     import duckdb
 
@@ -85,7 +84,7 @@ def _records(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | 
 
 
 def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
-    table = con.execute(sql, params or {}).to_arrow_table()
+    table = con.sql(sql, params=params or {}).to_arrow_table()
     assert table is not None  # a query always has a result table
     return table
 
@@ -110,7 +109,7 @@ def _select_dates(store: SnapshotStore, since: date | None, until: date | None) 
 def list_snapshots(store: SnapshotStore) -> list[dict[str, Any]]:
     """Recorded dates with their row counts, model versions and creation time."""
     days = store.require_any()
-    with _duckdb(store, {"snapshots": days}) as con:
+    with snapshot_connection(store, {"snapshots": days}) as con:
         rows = _records(
             con,
             "SELECT date, count(*) AS rows, string_agg(DISTINCT model_version, ',' ORDER BY model_version) "
@@ -123,7 +122,7 @@ def list_snapshots(store: SnapshotStore) -> list[dict[str, Any]]:
 
 def segment_sizes(store: SnapshotStore, since: date | None = None, until: date | None = None) -> list[dict]:
     """Count and share per segment per date, with the change from the previous selected date."""
-    with _duckdb(store, {"snapshots": _select_dates(store, since, until)}) as con:
+    with snapshot_connection(store, {"snapshots": _select_dates(store, since, until)}) as con:
         return [_isoformat(r) for r in _records(con, _sql("segment_sizes"))]
 
 
@@ -168,7 +167,7 @@ def segment_moves(settings: Settings, store: SnapshotStore, since: date, until: 
     """The migration matrix between two dates, entered/left, row shares, total_spent per cell, attribution."""
     _check_order(since, until)
     store.require(since), store.require(until)
-    with _duckdb(store, {"earlier": [since], "later": [until]}) as con:
+    with snapshot_connection(store, {"earlier": [since], "later": [until]}) as con:
         cells = _records(con, _sql("segment_moves"))
         versions = {
             view: [
@@ -176,7 +175,7 @@ def segment_moves(settings: Settings, store: SnapshotStore, since: date, until: 
             ]
             for view in ("earlier", "later")
         }
-        model_name = con.execute("SELECT any_value(model_name) FROM later").fetchone()
+        model_name = con.execute("SELECT any_value(model_name) FROM later").fetchall()[0]
         moved = _arrow(con, _sql("segment_moved")) if versions["earlier"] != versions["later"] else None
     segments = segment_order([c["from_segment"] for c in cells] + [c["to_segment"] for c in cells])
     both = [c for c in cells if c["from_segment"] is not None and c["to_segment"] is not None]
@@ -289,7 +288,7 @@ def export_moves(
     out = Path(out)
     if out.suffix.lower() != ".csv":
         raise SnapshotError(f"--out {out} must name a .csv file.")
-    with _duckdb(store, {"earlier": [since], "later": [until]}) as con:
+    with snapshot_connection(store, {"earlier": [since], "later": [until]}) as con:
         reasons = [n for n in _columns(con, "later") if n.startswith(REASON_PREFIX)]
         extra = "".join(f", b.{n}" for n in reasons)
         table = _arrow(
@@ -334,7 +333,7 @@ def segment_profile(store: SnapshotStore, day: date) -> dict[str, Any]:
     for name in CATEGORICAL_FEATURES:
         for category in FEATURES_BY_NAME[name].categories or ():
             aggregates.append(f"count_if({name} = {_literal(category)}) AS {name}__{category}")
-    with _duckdb(store, {"snap": [day]}) as con:
+    with snapshot_connection(store, {"snap": [day]}) as con:
         rows = _records(con, _sql("segment_profile").replace("{aggregates}", ", ".join(aggregates)))
     everyone = next(r for r in rows if r["segment"] == "*")
     out: dict[str, Any] = {"date": day.isoformat(), "rows": int(everyone["n"]), "segments": {}}
@@ -376,135 +375,3 @@ def _segment_profile(row: dict[str, Any], everyone: dict[str, Any]) -> dict[str,
         key=lambda k: -abs(features[k]["effect"]),
     )
     return {"count": int(n), "share": n / n_all, "features": features, "distinguishing": ranked[:3]}
-
-
-# -- recording a snapshot, MLflow, monitoring --------------------------------------------------------------
-
-
-def segment_counts(store: SnapshotStore, day: date) -> dict[str, int]:
-    with _duckdb(store, {"snap": [day]}) as con:
-        return {s: int(n) for s, n in con.execute("SELECT segment, count(*) FROM snap GROUP BY 1").fetchall()}
-
-
-@dataclass
-class SnapshotRecording:
-    """What ``custseg score --snapshot DATE`` records besides the output, and what it logs afterwards."""
-
-    settings: Settings
-    day: date
-    replace: bool = False
-    engine: str = "local"
-    store: SnapshotStore | None = field(init=False)
-    """The local store; None for a remote root (``hdfs://``...) that only the Spark engine writes."""
-    writer: SnapshotWriter | None = None
-    sink: Any = None
-    duplicates: int = 0
-    rows: int = 0
-    run_id: str | None = None
-
-    def __post_init__(self) -> None:
-        uri = self.settings.snapshots_uri or ""
-        remote = "://" in uri and not uri.startswith("file://")
-        if remote and self.engine != "spark":
-            SnapshotStore(uri)  # raises: the local engine writes local folders only
-        self.store = None if remote else SnapshotStore.from_settings(self.settings)
-        # MLflow's import (about a second) overlaps the scoring instead of following it.
-        threading.Thread(target=_import_mlflow, name="custseg-mlflow-import", daemon=True).start()
-        if self.store is not None and self.store.path_for(self.day).exists() and not self.replace:
-            # Before scoring: say it now, not after an hour of work.
-            raise SnapshotError(
-                f"A snapshot for {self.day.isoformat()} is already recorded in {self.store.root}. "
-                "Pass --replace to record it again, or choose another --snapshot date."
-            )
-
-    @property
-    def root(self) -> str:
-        return str(self.store.root if self.store is not None else self.settings.snapshots_uri)
-
-    def local_writer(self) -> SnapshotWriter:
-        assert self.store is not None  # a remote root was refused for the local engine
-        self.writer = SnapshotWriter(
-            self.store, self.day, self.settings.model_name, replace=self.replace, engine=self.engine
-        )
-        return self.writer
-
-    def spark_sink(self) -> Any:
-        from custseg.workflows.spark_snapshots import SparkSnapshotSink
-
-        self.sink = SparkSnapshotSink(self.root, self.day, self.settings.model_name, replace=self.replace)
-        return self.sink
-
-    def finish(self, summary: BatchSummary) -> None:
-        """After the run: counts from the snapshot, one MLflow run with its segment shares."""
-        if self.writer is not None:
-            self.duplicates = self.writer.duplicates
-        if self.sink is not None:
-            self.duplicates = self.sink.duplicates
-        if self.store is not None and self.day in self.store.dates():
-            counts = segment_counts(self.store, self.day)
-        else:  # a remote store (Spark): the run's own counts
-            counts = dict(summary.segment_counts)
-        self.rows = sum(counts.values())
-        self.run_id = log_snapshot_run(self.settings, self.day, counts, summary.model_version)
-
-
-def _import_mlflow() -> None:
-    import mlflow  # noqa: F401
-
-
-def log_snapshot_run(settings: Settings, day: date, counts: dict[str, int], model_version: str) -> str:
-    """One MLflow run per snapshot: counts and shares as metrics, the date as step and timestamp."""
-    import mlflow
-
-    from custseg.registry.client import connect
-
-    client = connect(settings)
-    experiment = client.get_experiment_by_name(settings.snapshot_experiment_name)
-    if experiment is not None:
-        experiment_id = str(experiment.experiment_id)
-    else:
-        location = settings.artifact_root.as_uri() if settings.tracking_uri is None else None
-        experiment_id = str(
-            client.create_experiment(settings.snapshot_experiment_name, artifact_location=location)
-        )
-    total = sum(counts.values())
-    moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
-    metrics = {"rows": float(total)}
-    for segment, n in counts.items():
-        metrics[f"count_{segment}"] = float(n)
-        metrics[f"share_{segment}"] = n / total if total else 0.0
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"snapshot-{day.isoformat()}") as run:
-        mlflow.set_tags(
-            {
-                "custseg.run_type": "snapshot",
-                "custseg.snapshot_date": day.isoformat(),
-                "custseg.model_version": model_version,
-            }
-        )
-        mlflow.log_metrics(
-            metrics, step=(day - date(1970, 1, 1)).days, timestamp=int(moment.timestamp() * 1000)
-        )
-        return str(run.info.run_id)
-
-
-def share_shift_report(settings: Settings) -> dict[str, Any]:
-    """Segment shares of the last two snapshots and whether any moved more than the configured bound."""
-    try:
-        store = SnapshotStore.from_settings(settings)
-    except SnapshotError as exc:  # a remote store: only Spark reads it
-        return {"status": "not_available", "reason": str(exc)}
-    days = store.dates()
-    if len(days) < 2:
-        return {"status": "not_available", "reason": f"{len(days)} snapshot(s) recorded; two are needed"}
-    earlier, later = (segment_counts(store, d) for d in days[-2:])
-    shares = [{s: n / sum(c.values()) for s, n in c.items()} for c in (earlier, later)]
-    shift = share_shift(shares[0], shares[1], settings.segment_share_shift)
-    shifted = [s for s, r in shift.items() if r["shifted"]]
-    return {
-        "status": "shift" if shifted else "ok",
-        "from": days[-2].isoformat(),
-        "to": days[-1].isoformat(),
-        "bound": settings.segment_share_shift,
-        "segments": shift,
-        "shifted": shifted,
-    }

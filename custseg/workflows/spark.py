@@ -48,7 +48,14 @@ import pyarrow as pa
 from custseg.errors import CustsegError, DataError
 from custseg.io.paths import check_paths
 from custseg.schema import ID_COLUMN
-from custseg.scoring.chunks import INPUT_COLUMNS, SEGMENT_COLUMN, output_schema, score_chunk
+from custseg.scoring.chunks import (
+    INPUT_COLUMNS,
+    SEGMENT_COLUMN,
+    check_reasons,
+    output_schema,
+    score_chunk,
+    unexplainable,
+)
 from custseg.scoring.scorer import Scorer
 from custseg.scoring.verification import verify_files
 from custseg.settings import Settings
@@ -85,6 +92,8 @@ class ModelBundle:
     digest: str
     allow_pipeline: bool = False
     """The operator's ``allow_pipeline_fallback``, carried to the executors."""
+    unexplainable: str | None = None
+    """Why the model cannot give reasons (``--reasons``), found when the driver loaded it; None: it can."""
 
     @classmethod
     def from_folder(
@@ -105,7 +114,7 @@ class ModelBundle:
             verify_files(files, digests, "the registry")
         scorer = Scorer.from_bundle(folder, compiled=True, allow_pipeline=allow_pipeline)
         digest = hashlib.sha256(b"".join(files[name] for name in sorted(files))).hexdigest()
-        return cls(files, version, scorer.classes, digest, allow_pipeline)
+        return cls(files, version, scorer.classes, digest, allow_pipeline, unexplainable(scorer))
 
 
 def load_bundle(settings: Settings, model_uri: str | None = None) -> ModelBundle:
@@ -139,15 +148,20 @@ def _worker_scorer(digest: str, files: dict[str, bytes], allow_pipeline: bool = 
     return scorer
 
 
-def result_schema(classes: tuple[str, ...] | list[str]) -> pa.Schema:
+def result_schema(classes: tuple[str, ...] | list[str], reasons: int = 0) -> pa.Schema:
     """The output columns plus ``reason`` (null for scored rows; only id and reason for rejected rows)."""
-    return output_schema(classes).append(pa.field(REASON_COLUMN, pa.string()))
+    return output_schema(classes, reasons).append(pa.field(REASON_COLUMN, pa.string()))
 
 
 def _score_partition(
-    broadcast: Any, digest: str, version: str, classes: tuple[str, ...], allow_pipeline: bool = False
+    broadcast: Any,
+    digest: str,
+    version: str,
+    classes: tuple[str, ...],
+    allow_pipeline: bool = False,
+    reasons: int = 0,
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    schema = result_schema(classes)
+    schema = result_schema(classes, reasons)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         scorer = _worker_scorer(digest, broadcast.value, allow_pipeline)
@@ -155,7 +169,8 @@ def _score_partition(
             if batch.num_rows == 0:
                 continue
             frame = batch.to_pandas()
-            result = score_chunk(frame, scorer, version, row_numbers=np.full(len(frame), -1, np.int64))
+            rows = np.full(len(frame), -1, np.int64)
+            result = score_chunk(frame, scorer, version, row_numbers=rows, reasons=reasons)
             scored = result.output.append_column(REASON_COLUMN, pa.nulls(result.output.num_rows, pa.string()))
             parts = [scored.cast(schema)]
             if len(result.rejects):
@@ -209,8 +224,11 @@ def _all_csv(folder: Path) -> bool:
     return bool(data) and all(p.name.lower().endswith(_CSV_SUFFIXES) for p in data)
 
 
-def score_dataframe(frame: DataFrame, bundle: ModelBundle, broadcast: Any = None) -> DataFrame:
-    """Score a Spark DataFrame lazily: the output columns plus ``reason`` (set on rejected rows only)."""
+def score_dataframe(
+    frame: DataFrame, bundle: ModelBundle, broadcast: Any = None, *, reasons: int = 0
+) -> DataFrame:
+    """Score a Spark DataFrame lazily: the output columns plus ``reason`` (set on rejected rows only);
+    ``reasons=K`` adds the top-K reason columns (computed on the executors, like the scores)."""
     missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(
@@ -221,8 +239,10 @@ def score_dataframe(frame: DataFrame, bundle: ModelBundle, broadcast: Any = None
     spark = frame.sparkSession
     if broadcast is None:
         broadcast = spark.sparkContext.broadcast(bundle.files)
-    schema = ", ".join(f"`{f.name}` {_spark_type(f.type)}" for f in result_schema(bundle.classes))
-    run = _score_partition(broadcast, bundle.digest, bundle.version, bundle.classes, bundle.allow_pipeline)
+    schema = ", ".join(f"`{f.name}` {_spark_type(f.type)}" for f in result_schema(bundle.classes, reasons))
+    run = _score_partition(
+        broadcast, bundle.digest, bundle.version, bundle.classes, bundle.allow_pipeline, reasons
+    )
     frame = frame.select(*INPUT_COLUMNS)
     parallelism = spark.sparkContext.defaultParallelism
     if frame.rdd.getNumPartitions() < parallelism:
@@ -246,8 +266,10 @@ def score_spark(
     rejects: str | None = None,
     chunk_rows: int | None = None,
     snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any], None] | None = None,
+    reasons: int = 0,
 ) -> BatchSummary:
-    """Score ``input`` into the Parquet folder ``output``; rejects to ``rejects``.
+    """Score ``input`` into the Parquet folder ``output``; rejects to ``rejects``; ``reasons=K`` adds the
+    top-K reason columns (a model that cannot be explained is refused before any job runs).
 
     An existing ``output`` or ``rejects`` is replaced only when it is a folder custseg wrote (it holds
     :data:`MARKER_FILE`); paths that overlap the input or each other raise :class:`DataError` first.
@@ -259,6 +281,7 @@ def score_spark(
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
+    check_reasons(reasons, bundle.unexplainable)
     input, output = _local_absolute(input, must_exist=True), _local_absolute(output)
     rejects = _local_absolute(rejects) if rejects else _default_rejects(output)
     is_table = _is_table_name(input)
@@ -271,7 +294,7 @@ def score_spark(
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(chunk_rows))
     frame = read_input(spark, input)
     broadcast = spark.sparkContext.broadcast(bundle.files)
-    scored = score_dataframe(frame, bundle, broadcast).persist(StorageLevel.MEMORY_AND_DISK)
+    scored = score_dataframe(frame, bundle, broadcast, reasons=reasons).persist(StorageLevel.MEMORY_AND_DISK)
     tag = uuid.uuid4().hex[:12]
     tmp_out, tmp_rejects = _temp_name(output, tag), _temp_name(rejects, tag)
     try:
@@ -464,10 +487,18 @@ def score_with_spark(
     rejects: str | None = None,
     chunk_rows: int | None = None,
     snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any], None] | None = None,
+    reasons: int = 0,
 ) -> BatchSummary:
     """What ``custseg score --engine spark`` does: load the model, get a session, score."""
     bundle = load_bundle(settings, model_uri)
     spark = spark_session()
     return score_spark(
-        spark, input, output, bundle, rejects=rejects, chunk_rows=chunk_rows, snapshot=snapshot
+        spark,
+        input,
+        output,
+        bundle,
+        rejects=rejects,
+        chunk_rows=chunk_rows,
+        snapshot=snapshot,
+        reasons=reasons,
     )

@@ -101,7 +101,10 @@ class SparkSnapshotSink:
         try:
             total = ranked.count()
             kept = ranked.filter(F.col("_occurrence") == 1).drop(_ORDER, "_occurrence")
-            # Sorted by id in small row groups, like the local writer's parts: look-ups by id prune.
+            # The window shuffled into spark.sql.shuffle.partitions (200 by default): as many files as
+            # the input had partitions keeps the footers a look-up reads few. Sorted by id in small row
+            # groups, like the local writer's parts, so look-ups by id prune.
+            kept = kept.coalesce(max(1, frame.rdd.getNumPartitions()))
             kept.sortWithinPartitions(ID_COLUMN).write.mode("overwrite").option("compression", "zstd").option(
                 "parquet.block.size", 1 << 20
             ).parquet(tmp)

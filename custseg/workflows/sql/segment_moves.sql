@@ -4,7 +4,7 @@ SELECT
     a.segment AS from_segment,
     b.segment AS to_segment,
     count(*) AS n,
-    sum(coalesce(b.total_spent, a.total_spent)) AS total_spent
+    round(sum(coalesce(b.total_spent, a.total_spent)), 2) AS total_spent
 FROM earlier AS a
 FULL OUTER JOIN later AS b ON a.customer_id = b.customer_id
 GROUP BY ALL

@@ -19,7 +19,7 @@ from custseg.schema import ID_COLUMN
 from custseg.scoring.scorer import Scorer
 from custseg.settings import Settings
 from custseg.workflows.batch import score_file
-from custseg.workflows.segments import SnapshotRecording, segment_counts
+from custseg.workflows.recording import SnapshotRecording, segment_counts
 from custseg.workflows.spark import load_bundle, score_spark
 from tests.conftest import TrainedHome
 

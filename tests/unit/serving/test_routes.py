@@ -30,10 +30,7 @@ from custseg.registry.client import load_scorer
 from custseg.serving.app import create_app
 from custseg.serving.deps import (
     LoadedModel,
-    RequestContext,
-    ScoringContext,
     get_feedback_writer,
-    get_scoring_context,
     get_served_model,
 )
 from custseg.serving.errors import render_error
@@ -110,34 +107,48 @@ def test_model_route_serves_whatever_model_its_dependency_gives(
     assert client.get("/model").status_code == 503
 
 
-def test_scoring_route_scores_and_logs_through_its_one_dependency(
+def test_scoring_route_scores_and_logs_through_its_scoring_context(
     empty_app: tuple[FastAPI, TestClient], served: LoadedModel, tmp_path: Path
 ) -> None:
-    """/predict with its ScoringContext replaced: the model, the row cap and a real SQLite log."""
+    """/predict reads its ScoringContext from the app state (not a FastAPI dependency, for speed): the
+    model, the row cap and a real SQLite log put on ``app.state`` are the ones it uses."""
     app, client = empty_app
+    state = app.state
     log = PredictionLog(f"sqlite:///{tmp_path / 'log.db'}", flush_seconds=0.05)
     log.start()
     metrics = ApiMetrics()
-
-    async def context() -> ScoringContext:
-        ids = RequestContext(
-            request_id="req-1", client_request_id="client-1", caller="anonymous", started=None
-        )
-        return ScoringContext(served, 2, metrics, PredictionRecorder(log), ids)
-
-    app.dependency_overrides[get_scoring_context] = context
+    saved = (state.settings, state.metrics, state.recorder, state.holder.current)
+    state.settings = state.settings.model_copy(update={"max_batch_rows": 2})
+    state.metrics, state.recorder, state.holder.current = metrics, PredictionRecorder(log), served
     try:
-        answer = client.post("/predict", json=[PROTOTYPE, PROTOTYPE])
+        answer = client.post("/predict", json=[PROTOTYPE, PROTOTYPE], headers={"X-Request-ID": "client-1"})
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["prediction"] == ["medium_value"] * 2
-        assert (body["request_id"], body["client_request_id"]) == ("req-1", "client-1")
-        too_many = client.post("/predict", json=[PROTOTYPE] * 3)  # the context's cap, not the settings'
+        assert body["client_request_id"] == "client-1" and len(body["request_id"]) == 32
+        too_many = client.post("/predict", json=[PROTOTYPE] * 3)  # the state's cap, not the factory's
         assert too_many.status_code == 422 and "limit is 2" in too_many.text
         assert log.flush() and log.count() == 2
+        logged = log.window()
+        assert set(logged["request_id"]) == {body["request_id"]}
+        assert set(logged["client_request_id"]) == {"client-1"}
     finally:
+        state.settings, state.metrics, state.recorder, state.holder.current = saved
         log.close()
     assert metrics.predictions.labels("medium_value")._value.get() == 2
+    assert client.post("/predict", json=PROTOTYPE).status_code == 503  # the state put back
+
+
+def test_scoring_context_is_read_from_the_state_not_resolved_as_a_dependency() -> None:
+    """The /predict hot path declares no FastAPI dependency (each costs ~10 us to resolve)."""
+    from custseg.serving.routes import scoring
+
+    app = create_app(Settings(home=Path("/nonexistent-custseg-home"), model_poll_seconds=0))
+    routes = [r for r in app.routes if getattr(r, "path", None) in ("/predict", "/score")]
+    assert len(routes) == 2
+    for route in routes:
+        assert route.endpoint is scoring.score  # type: ignore[attr-defined]
+        assert route.dependant.dependencies == []  # type: ignore[attr-defined]
 
 
 def test_feedback_without_a_log_is_503_from_its_dependency(empty_app: tuple[FastAPI, TestClient]) -> None:

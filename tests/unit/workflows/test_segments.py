@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import date
 from pathlib import Path
 
 import mlflow
@@ -28,7 +29,7 @@ from custseg.registry.client import connect, download_bundle, resolve
 from custseg.schema import FEATURE_NAMES, ID_COLUMN, LABELS
 from custseg.scoring.scorer import Scorer
 from custseg.settings import Settings
-from custseg.workflows.segments import share_shift_report
+from custseg.workflows.recording import share_shift_report
 from custseg.workflows.train import train_and_register
 
 D1, D2, D3 = "2026-01-31", "2026-02-28", "2026-03-31"
@@ -480,3 +481,42 @@ def test_recording_a_date_again_needs_replace_and_duplicates_are_rejected(
     import shutil
 
     shutil.rmtree(store.path_for(store.dates()[-1]))
+
+
+def test_reason_columns_are_recorded_shown_in_history_and_exported(tmp_path: Path) -> None:
+    """Runs that record reasons (`reason_1`...) keep them; dates without reasons show none."""
+    import pyarrow as pa
+
+    from custseg.io.snapshots import SnapshotWriter
+    from custseg.scoring.chunks import output_table
+    from custseg.scoring.scorer import Scores
+    from custseg.workflows.segments import customer_history, export_moves
+
+    store = SnapshotStore(tmp_path / "snaps")
+    frame = generate(4, seed=9).drop(columns=["customer_segment"])
+    raw = pa.Table.from_pandas(frame.astype(str), preserve_index=False)
+    ids = pa.array(frame[ID_COLUMN])
+    proba = np.tile([0.1, 0.1, 0.8], (4, 1))
+    for day, labels, reasons in (
+        (date(2026, 1, 31), ["medium_value"] * 4, None),
+        (date(2026, 2, 28), ["high_value", "medium_value", "=cmd()", "medium_value"], ["total_spent up"] * 4),
+    ):
+        out = output_table(ids, Scores(np.asarray(labels), proba, LABELS), "1")
+        if reasons:
+            out = out.append_column("reason_1", pa.array(reasons)).append_column(
+                "reason_2", pa.array(["-x"] * 4)
+            )
+        writer = SnapshotWriter(store, day, "customer-segments")
+        writer.write(raw, np.arange(1, 5), out)
+        writer.commit()
+    rows = customer_history(store, frame[ID_COLUMN].iloc[0])
+    assert (
+        "reason_1" not in rows[0] and rows[1]["reason_1"] == "total_spent up" and rows[1]["reason_2"] == "-x"
+    )
+    summary = export_moves(
+        store, date(2026, 1, 31), date(2026, 2, 28), tmp_path / "crm.csv", changed_only=True
+    )
+    crm = pd.read_csv(summary.path, dtype=str, keep_default_na=False)
+    assert list(crm.columns)[-2:] == ["reason_1", "reason_2"] and len(crm) == 2
+    # Spreadsheet-safe: a cell a spreadsheet would run as a formula starts with a quote.
+    assert set(crm["segment"]) == {"high_value", "'=cmd()"} and set(crm["reason_2"]) == {"'-x"}

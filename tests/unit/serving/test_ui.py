@@ -1,0 +1,214 @@
+"""The web app's page handlers through TestClient: the Score form (labels, ranges, the API's 422
+messages beside the fields, CSRF), the Models page, placeholders, /docs, security headers, and no
+request to another host in anything the pages load."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from custseg import schema
+from custseg.serving.app import create_app
+from custseg.serving.ui import pages
+from custseg.settings import Settings
+from tests.conftest import TrainedHome
+
+FORM = {f.name: str(f.example) for f in schema.FEATURES}
+"""The prototype's customer as the Score form sends it (every value as text); answered medium_value."""
+STATIC = Path(pages.__file__).parent / "static"
+
+
+def _settings(home: Path, **overrides: Any) -> Settings:
+    values = {"home": home, "model_poll_seconds": 0, "trusted_hosts": "testserver", "prediction_log_enabled": False}
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def client(trained_home: TrainedHome) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(trained_home.home))) as test_client:
+        yield test_client
+
+
+class Page(HTMLParser):
+    """What the tests read from a page: labels by their field, texts by element id, loaded URLs."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.labels: dict[str, str] = {}
+        self.by_id: dict[str, str] = {}
+        self.urls: list[str] = []
+        self.inputs: dict[str, dict[str, str | None]] = {}
+        self._open: list[tuple[str, str | None, list[str]]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        for name in ("src", "href", "action"):
+            if a.get(name):
+                self.urls.append(str(a[name]))
+        if tag in ("input", "select") and a.get("name"):
+            self.inputs[str(a["name"])] = a
+        if tag in ("input", "meta", "link", "br"):
+            return
+        key = f"label:{a['for']}" if tag == "label" and a.get("for") else a.get("id")
+        self._open.append((tag, key, []))
+
+    def handle_data(self, data: str) -> None:
+        for _tag, _key, texts in self._open:
+            texts.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self._open:
+            return
+        _tag, key, texts = self._open.pop()
+        text = " ".join("".join(texts).split())
+        if key and key.startswith("label:"):
+            self.labels[key[6:]] = text
+        elif key:
+            self.by_id[key] = text
+
+
+def csrf(client: TestClient) -> str:
+    page = client.get("/ui/score")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token is not None
+    return token.group(1)
+
+
+def submit(client: TestClient, values: dict[str, str]) -> Any:
+    return client.post("/ui/score", data={**values, "csrf_token": csrf(client)})
+
+
+def test_score_form_has_a_labelled_field_per_feature_with_its_range(client: TestClient) -> None:
+    response = client.get("/ui/score")
+    assert response.status_code == 200
+    page = Page(response.text)
+    assert page.labels["f-total_spent"] == "Total spent"
+    assert page.labels["f-annual_income"] == "Annual income"
+    assert page.labels["f-days_since_last_purchase"] == "Days since last purchase"
+    assert page.labels["f-num_purchases"] == "Number of purchases"
+    assert page.labels["f-avg_purchase_value"] == "Average purchase value"
+    assert len(page.labels) == len(schema.FEATURES)
+    assert page.by_id["r-age"] == "0 to 120"
+    assert page.by_id["r-online_activity_score"] == "0 to 100"
+    assert page.by_id["r-total_spent"] == "0 or more"
+    assert page.by_id["r-gender"] == "Female or Male"
+    assert page.inputs["age"]["min"] == "0" and page.inputs["age"]["max"] == "120"
+    assert "type" not in page.inputs["gender"]  # a select, not a text box
+    assert re.search(r'<option value="Male"[^>]*>Male</option>', response.text)
+
+
+def test_submitting_the_form_shows_the_segment_probabilities_and_reasons(client: TestClient) -> None:
+    response = submit(client, FORM)
+    assert response.status_code == 200, response.text
+    page = Page(response.text)
+    assert page.by_id["segment"] == "medium_value"  # what the API answers for the prototype's customer
+    api = client.post("/predict", json=schema.EXAMPLE_RECORD).json()
+    for name, p in api["probabilities"][0].items():
+        assert f"<td>{name}</td><td class=\"num\">{p:.3f}</td>" in response.text
+    assert "Why medium_value" in page.by_id["reasons"]
+    assert response.text.count('class="vega-spec"') == 2
+    assert "/ui/static/vendor/vega-embed/vega-embed.min.js" in page.urls
+
+
+def test_invalid_values_show_the_api_messages_beside_their_fields(client: TestClient) -> None:
+    values = {**FORM, "age": "130", "total_spent": "-5", "gender": "Robot", "num_site_visits": "many"}
+    del values["loyalty_program"]
+    response = submit(client, values)
+    assert response.status_code == 422
+    page = Page(response.text)
+    api_body = {**schema.EXAMPLE_RECORD, "age": 130, "total_spent": -5, "gender": "Robot", "num_site_visits": "many"}
+    del api_body["loyalty_program"]
+    api = client.post("/predict", json=api_body)
+    assert api.status_code == 422
+    expected = {e["field"]: e["reason"] for e in api.json()["errors"]}
+    assert set(expected) == {"age", "total_spent", "gender", "num_site_visits", "loyalty_program"}
+    for field, reason in expected.items():
+        assert page.by_id[f"e-{field}"] == reason
+    assert page.inputs["age"]["value"] == "130"  # what the person typed stays in the form
+    assert page.inputs["age"]["aria-invalid"] == "true"
+    assert "segment" not in page.by_id
+
+
+def test_the_form_needs_its_csrf_token(client: TestClient) -> None:
+    client.get("/ui/score")  # sets the cookie
+    assert client.post("/ui/score", data={**FORM, "csrf_token": "forged"}).status_code == 403
+    assert client.post("/ui/score", data=FORM).status_code == 403
+    token = csrf(client)
+    cross_site = client.post("/ui/score", data={**FORM, "csrf_token": token}, headers={"origin": "http://evil.example"})
+    assert cross_site.status_code == 403
+
+
+def test_models_page_shows_the_served_version_and_aliases(client: TestClient) -> None:
+    model = client.get("/model").json()
+    page = Page(client.get("/ui/models").text)
+    assert page.by_id["model-version"] == model["version"]
+    assert page.by_id["model-aliases"] == ", ".join(model["aliases"])
+
+
+@pytest.mark.parametrize("name", ["upload", "segments", "monitoring"])
+def test_pages_not_built_yet_say_so(client: TestClient, name: str) -> None:
+    response = client.get(f"/ui/{name}")
+    assert response.status_code == 200
+    assert "This page is not built yet" in response.text
+
+
+def test_navigation_links_every_page(client: TestClient) -> None:
+    page = Page(client.get("/ui/score").text)
+    for slug in ("score", "upload", "segments", "monitoring", "models"):
+        assert f"/ui/{slug}" in page.urls
+    assert client.get("/ui/", follow_redirects=False).headers["location"] == "/ui/score"
+
+
+def test_pages_docs_and_static_files_carry_security_headers(client: TestClient) -> None:
+    for path in ("/ui/score", "/ui/models", "/docs", "/ui/static/app.js", "/ui/static/vendor/vega/vega.min.js"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self';" in csp and "unsafe-inline' " not in csp.split("script-src")[1].split(";")[0]
+        assert "frame-ancestors 'none'" in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_docs_loads_swagger_ui_from_vendored_files(client: TestClient) -> None:
+    page = Page(client.get("/docs").text)
+    assert page.urls == [
+        "/ui/static/vendor/swagger-ui-dist/swagger-ui.css",
+        "/ui/static/vendor/swagger-ui-dist/swagger-ui-bundle.js",
+        "/ui/static/docs.js",
+    ]
+    for url in page.urls:
+        assert client.get(url).status_code == 200
+
+
+def test_nothing_served_points_at_another_host(client: TestClient) -> None:
+    scored = submit(client, FORM).text
+    for html in (scored, client.get("/ui/models").text, client.get("/docs").text, client.get("/ui/upload").text):
+        assert "<script>" not in html  # no inline script: the CSP forbids it
+        for url in Page(html).urls:
+            assert url.startswith("/"), url
+    for name in ("app.js", "app.css", "docs.js"):
+        assert "http" not in (STATIC / name).read_text(), name
+    # only the identifier in a Vega-Lite spec's $schema names another host; it is never fetched
+    assert set(re.findall(r"https?://[^\"' ]+", scored)) == {"https://vega.github.io/schema/vega-lite/v6.json"}
+
+
+def test_every_vendored_package_has_its_licence() -> None:
+    for package in (STATIC / "vendor").iterdir():
+        assert (package / "LICENSE").stat().st_size > 500, package.name
+
+
+def test_with_api_keys_the_pages_are_closed_until_sign_in_exists(trained_home: TrainedHome) -> None:
+    with TestClient(create_app(_settings(trained_home.home, api_keys="k-123456"))) as keyed:
+        response = keyed.get("/ui/score")
+        assert response.status_code == 403
+        assert "sign-in is not built yet" in response.text
+        assert keyed.get("/docs").status_code == 200
+        assert keyed.post("/predict", json=schema.EXAMPLE_RECORD).status_code == 401
