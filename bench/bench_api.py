@@ -148,12 +148,14 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(times.get(p, 0.0) for p in tree)
 
 
-def wrk(server: Server, script: Path, connections: int, duration: float) -> dict[str, float]:
+def wrk(
+    server: Server, script: Path, connections: int, duration: float, path: str = "/predict"
+) -> dict[str, float]:
     assert server.process is not None
     cpu_before = tree_cpu_seconds(server.process.pid)
     command = [
         "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
-        "-s", str(script), server.url + "/predict",
+        "-s", str(script), server.url + path,
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     cpu = tree_cpu_seconds(server.process.pid) - cpu_before

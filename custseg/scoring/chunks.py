@@ -148,16 +148,16 @@ def score_chunk(
     try:
         # Fast path: a clean chunk is checked (and typed) in one pass by the shared rules.
         typed = validate_frame(features, require_label=False, require_id=False, source="chunk")
-        reasons = np.full(n, "", dtype=object)
+        why = np.full(n, "", dtype=object)
     except DataValidationError:
-        reasons = row_problems(features).to_numpy(dtype=object)
+        why = row_problems(features).to_numpy(dtype=object)
         typed = None
     empty_id = np.asarray(ids == "", dtype=bool)  # _ids has trimmed them
     if empty_id.any():
-        reasons = reasons.copy()
+        why = why.copy()
         for i in np.flatnonzero(empty_id):
-            reasons[i] = f"{ID_COLUMN} is empty" + (f"; {reasons[i]}" if reasons[i] else "")
-    bad = reasons != ""
+            why[i] = f"{ID_COLUMN} is empty" + (f"; {why[i]}" if why[i] else "")
+    bad = why != ""
     if bad.any() or typed is None:
         good = ~bad
         if good.any():
@@ -185,7 +185,7 @@ def score_chunk(
         top = (reasons_fn or (lambda c, s: top_reasons(scorer, c, s, reasons)))(columns, scores)
     output = output_table(pa.array(ids_ok, type=pa.string()), scores, model_version, top)
     rejects = pd.DataFrame(
-        {"row": rows[bad], ID_COLUMN: ids[bad], "reason": reasons[bad]}, columns=list(REJECT_COLUMNS)
+        {"row": rows[bad], ID_COLUMN: ids[bad], "reason": why[bad]}, columns=list(REJECT_COLUMNS)
     )
     return ChunkResult(output, rejects)
 

@@ -138,24 +138,32 @@ EXPLAIN_MAX = len(schema.FEATURE_NAMES)
 
 EXPLANATION_EXAMPLE: dict[str, Any] = {
     "segment": "medium_value",
-    "base_value": 0.332635,
+    "base_value": 0.3336208333333357,
     "reasons": [
         {
             "code": "R04+",
             "feature": "total_spent",
-            "value": 49624,
-            "contribution": 0.219744,
-            "text": "Total spent of 49,624 is high for this segment: +0.22",
+            "value": 49624.0,
+            "contribution": 0.27528708246234995,
+            "text": "Total spent of 49,624 is high for this segment: +0.28",
         },
         {
             "code": "R08+",
             "feature": "loyalty_program",
             "value": 0,
-            "contribution": 0.204161,
-            "text": "Loyalty program 0 counts for this segment: +0.20",
+            "contribution": 0.2299720144448991,
+            "text": "Loyalty program 0 counts for this segment: +0.23",
+        },
+        {
+            "code": "R05+",
+            "feature": "num_purchases",
+            "value": 17,
+            "contribution": 0.14717910748089777,
+            "text": "Num purchases of 17 is high for this segment: +0.15",
         },
     ],
 }
+"""The prototype's customer with ``?explain=3`` (champion trained on data/customers.csv)."""
 
 
 class ReasonItem(BaseModel):
@@ -171,9 +179,9 @@ class ReasonItem(BaseModel):
     contribution: float = Field(
         description="Signed Shapley contribution to the segment's probability (exact Tree SHAP; "
         "log-odds for gradient boosting models).",
-        examples=[0.219744],
+        examples=[0.27528708246234995],
     )
-    text: str = Field(examples=["Total spent of 49,624 is high for this segment: +0.22"])
+    text: str = Field(examples=["Total spent of 49,624 is high for this segment: +0.28"])
 
 
 class ExplanationItem(BaseModel):

@@ -194,7 +194,7 @@ def _threaded_reasons(scorer: Scorer, pool: ThreadPoolExecutor, workers: int, k:
             )
             for a, b in itertools.pairwise(bounds)
         ]
-        return TopReasons.concatenate(list(pool.map(lambda part: top_reasons(scorer, *part, k), parts)))
+        return TopReasons.concatenate(list(pool.map(lambda p: top_reasons(scorer, p[0], p[1], k), parts)))
 
     return reasons
 
@@ -341,7 +341,7 @@ def score_file(
             score_fn = _threaded_score(scorer, pool, workers)
             reasons_fn = _threaded_reasons(scorer, pool, workers, reasons) if reasons else None
 
-            def scored(columns: Mapping[str, np.ndarray]) -> tuple[Scores, TopReasons | None]:
+            def score_and_explain(columns: Mapping[str, np.ndarray]) -> tuple[Scores, TopReasons | None]:
                 scores = score_fn(columns)
                 return scores, reasons_fn(columns, scores) if reasons_fn is not None else None
 
@@ -352,7 +352,7 @@ def score_file(
                 previous, in_flight = in_flight, None
                 if plain is not None:
                     ids, columns = plain
-                    in_flight = _InFlight(chunk, ids, scoring.submit(scored, columns))
+                    in_flight = _InFlight(chunk, ids, scoring.submit(score_and_explain, columns))
                 if previous is not None:
                     finish(previous.chunk, previous.result(model_version))
                 if plain is None:

@@ -61,7 +61,13 @@ def reasons_spec(reasons: list[dict[str, Any]], segment: str) -> dict[str, Any]:
         "data": {"values": values},
         "mark": {"type": "bar"},
         "encoding": {
-            "y": {"field": "reason", "type": "nominal", "title": None, "sort": None},
+            "y": {
+                "field": "reason",
+                "type": "nominal",
+                "title": None,
+                "sort": None,
+                "axis": {"labelLimit": 360},
+            },
             "x": {
                 "field": "contribution",
                 "type": "quantitative",

@@ -4,6 +4,7 @@ Each handler parses, calls the function the JSON API calls, and renders a templa
 validated by :func:`custseg.serving.parsing.parse_records` (so a wrong value reads exactly like the API's
 422) and scored by :func:`custseg.serving.routes.scoring.score_records`. Every answer carries the
 security headers of :data:`SECURITY_HEADERS`; form posts carry a CSRF token (double-submit cookie).
+With API keys configured, pages need a sign-in (:mod:`custseg.serving.ui.sessions`) and the key's scope.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from custseg.serving.deps import get_served_model, request_context
 from custseg.serving.parsing import parse_records
 from custseg.serving.routes.model import describe
 from custseg.serving.routes.scoring import score_records
-from custseg.serving.security import configured_keys
-from custseg.serving.ui import charts
+from custseg.serving.security import ApiKey, configured_keys
+from custseg.serving.ui import charts, sessions
 from custseg.settings import Settings
 
 HERE = Path(__file__).parent
@@ -50,7 +51,13 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "x-frame-options": "DENY",
 }
-NAVIGATION = (("score", "Score"), ("upload", "Upload"), ("segments", "Segments"), ("monitoring", "Monitoring"), ("models", "Models"))
+NAVIGATION = (
+    ("score", "Score"),
+    ("upload", "Upload"),
+    ("segments", "Segments"),
+    ("monitoring", "Monitoring"),
+    ("models", "Models"),
+)
 PLACEHOLDERS = {
     "upload": "Upload a CSV or Parquet file of customers, score it like `custseg score` (with reasons), "
     "then download the scored file and the rejects file with a summary.",
@@ -60,10 +67,6 @@ PLACEHOLDERS = {
     "performance over time, with model promotions marked on every time axis.",
 }
 """Pages linked from the navigation that are not built yet, and what they will show."""
-LOCKED_MESSAGE = (
-    "This server has API keys configured, and the web app's sign-in is not built yet, so the pages are "
-    "closed. Use the JSON API with your key (see /docs), or run the server without keys on loopback."
-)
 _WORDS = {"num": "number of", "avg": "average"}
 _JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 """A JSON number literal (what the API would have received for a number typed in the field)."""
@@ -140,18 +143,42 @@ def page(request: Request, template: str, status: int = 200, **context: Any) -> 
     """A rendered template with the security headers and a CSRF cookie for its forms."""
     token = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
     html = templates.get_template(template).render(
-        static=STATIC_URL, navigation=NAVIGATION, csrf_field=CSRF_FIELD, csrf_token=token, **context
+        static=STATIC_URL,
+        navigation=NAVIGATION,
+        csrf_field=CSRF_FIELD,
+        csrf_token=token,
+        signed_in=request.scope.get("custseg.ui_key") is not None,
+        **context,
     )
     response = HTMLResponse(html, status, headers=SECURITY_HEADERS)
     response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict", path="/ui")
     return response
 
 
-def locked(request: Request) -> Response | None:
-    """403 when the server has API keys: sign-in for the pages is not built yet."""
-    if not configured_keys(request.app.state.settings):
+def locked(request: Request, scope: str | None = None) -> Response | None:
+    """None when the caller may see the page: no API keys on this server, or a session whose key has
+    ``scope``; else the sign-in page (303) or a 403 saying which scope is missing."""
+    keys = keys_of(request)
+    if not keys:
         return None
-    return page(request, "message.html", 403, active="", title="Sign-in needed", message=LOCKED_MESSAGE)
+    key = sessions.read(keys, request.cookies.get(sessions.SESSION_COOKIE))
+    if key is None:
+        return RedirectResponse("/ui/sign-in", 303, headers=SECURITY_HEADERS)
+    request.scope["custseg.ui_key"] = key.name
+    if scope is not None and scope not in key.scopes:
+        message = (
+            f"You are signed in with API key {key.name}, which does not have the '{scope}' scope this page "
+            f"needs. Sign out and sign in with a key from CUSTSEG_{scope.upper()}_KEYS or CUSTSEG_API_KEYS."
+        )
+        return page(request, "message.html", 403, active="", title="Not allowed", message=message)
+    return None
+
+
+def keys_of(request: Request) -> list[ApiKey]:
+    keys = getattr(request.app.state, "ui_keys", None)
+    if keys is None:
+        keys = request.app.state.ui_keys = configured_keys(request.app.state.settings)
+    return keys
 
 
 # -- routes -----------------------------------------------------------------------------------------
@@ -162,7 +189,7 @@ async def home(request: Request) -> Response:
 
 
 async def score_form(request: Request) -> Response:
-    refused = locked(request)
+    refused = locked(request, "scoring")
     if refused is not None:
         return refused
     defaults = {f.name: str(f.example) for f in schema.FEATURES}
@@ -170,13 +197,12 @@ async def score_form(request: Request) -> Response:
 
 
 async def score_submit(request: Request) -> Response:
-    refused = locked(request)
+    refused = locked(request, "scoring")
     if refused is not None:
         return refused
-    form = {k: v[-1] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+    form = await read_form(request)
     if not _csrf_ok(request, form):
-        message = "This form has expired or did not come from this page: open the Score page and submit again."
-        return page(request, "message.html", 403, active="score", title="Form refused", message=message)
+        return csrf_refused(request)
     try:
         records, _ = parse_records(record_body(form), 1)
     except DataValidationError as exc:
@@ -186,12 +212,16 @@ async def score_submit(request: Request) -> Response:
             if problem.column in schema.FEATURES_BY_NAME:
                 errors.setdefault(problem.column, []).append(problem.message)
             else:
-                general.append(problem.message if problem.column is None else f"{problem.column}: {problem.message}")
+                general.append(
+                    problem.message if problem.column is None else f"{problem.column}: {problem.message}"
+                )
         fields = form_fields(form, errors)
         return page(request, "score.html", 422, active="score", fields=fields, form_errors=general)
     loaded = await get_served_model(request)
     result = await score_one(request, loaded, records)
-    return page(request, "score.html", active="score", fields=form_fields(form, {}), form_errors=[], result=result)
+    return page(
+        request, "score.html", active="score", fields=form_fields(form, {}), form_errors=[], result=result
+    )
 
 
 async def score_one(request: Request, loaded: Any, records: list[Any]) -> dict[str, Any]:
@@ -200,7 +230,17 @@ async def score_one(request: Request, loaded: Any, records: list[Any]) -> dict[s
     reasons_problem = None
     try:
         scores, explanations = await score_records(loaded.scorer, records, TOP_REASONS)
-        reasons = explanations[0].to_dict()["reasons"] if explanations else []
+        if explanations:
+            reasons = [
+                {
+                    "code": r.code,
+                    "feature": r.feature,
+                    "value": r.value,
+                    "contribution": r.contribution,
+                    "text": r.text,
+                }
+                for r in explanations[0].reasons
+            ]
     except ExplanationError as exc:  # a model without an explainer still scores
         reasons_problem = str(exc)
         scores, _ = await score_records(loaded.scorer, records)
@@ -222,6 +262,56 @@ async def score_one(request: Request, loaded: Any, records: list[Any]) -> dict[s
         "model": loaded.summary,
         "request_id": context.request_id,
     }
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """A form-encoded body as a dict (the last value of a repeated field)."""
+    return {k: v[-1] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+
+
+def csrf_refused(request: Request) -> Response:
+    message = "This form has expired or did not come from this page: open the page again and resubmit."
+    return page(request, "message.html", 403, active="", title="Form refused", message=message)
+
+
+async def sign_in_form(request: Request) -> Response:
+    if not keys_of(request):
+        return RedirectResponse("/ui/score", 303, headers=SECURITY_HEADERS)
+    return page(request, "sign_in.html", active="", title="Sign in", problem=None)
+
+
+async def sign_in(request: Request) -> Response:
+    """Exchange an API key for a signed, HttpOnly, SameSite=Strict session cookie."""
+    keys = keys_of(request)
+    if not keys:
+        return RedirectResponse("/ui/score", 303, headers=SECURITY_HEADERS)
+    form = await read_form(request)
+    if not _csrf_ok(request, form):
+        return csrf_refused(request)
+    key = sessions.find_key(keys, form.get("api_key", ""))
+    if key is None:
+        problem = "That key is not valid on this server. Check it and try again, or ask the operator for one."
+        return page(request, "sign_in.html", 401, active="", title="Sign in", problem=problem)
+    response = RedirectResponse("/ui/score", 303, headers=SECURITY_HEADERS)
+    response.set_cookie(
+        sessions.SESSION_COOKIE,
+        sessions.issue(keys, key),
+        max_age=sessions.SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/ui",
+    )
+    return response
+
+
+async def sign_out(request: Request) -> Response:
+    form = await read_form(request)
+    if not _csrf_ok(request, form):
+        return csrf_refused(request)
+    response = RedirectResponse("/ui/sign-in", 303, headers=SECURITY_HEADERS)
+    response.delete_cookie(sessions.SESSION_COOKIE, path="/ui", httponly=True, samesite="strict")
+    return response
 
 
 def _csrf_ok(request: Request, form: dict[str, str]) -> bool:
@@ -284,6 +374,9 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
     app.add_api_route("/ui/score", score_form, methods=["GET"], **hidden)
     app.add_api_route("/ui/score", score_submit, methods=["POST"], **hidden)
     app.add_api_route("/ui/models", models_page, methods=["GET"], **hidden)
+    app.add_api_route("/ui/sign-in", sign_in_form, methods=["GET"], **hidden)
+    app.add_api_route("/ui/sign-in", sign_in, methods=["POST"], **hidden)
+    app.add_api_route("/ui/sign-out", sign_out, methods=["POST"], **hidden)
     for name in PLACEHOLDERS:
         app.add_api_route(f"/ui/{name}", placeholder, methods=["GET"], **hidden)
     app.mount(STATIC_URL, WithSecurityHeaders(StaticFiles(directory=HERE / "static")), name="ui-static")

@@ -20,7 +20,7 @@ from custseg import schema
 from custseg.core.explain import REASON_NUMBERS
 from custseg.core.generator import generate
 from custseg.predlog import PredictionLog
-from custseg.registry.client import load_scorer
+from custseg.registry.client import connect, download_bundle, load_scorer
 from custseg.scoring.scorer import BUNDLE_FILE, Scorer, to_columns, typed_frame
 from custseg.serving.app import create_app
 from custseg.serving.holder import LoadedModel
@@ -99,19 +99,31 @@ def test_explain_equals_the_scorers_own_explanations(client: TestClient, scorer:
     assert body["explanations"] == [e.to_dict() for e in expected]
 
 
-def test_explain_10_adds_up_to_the_predicted_probability(client: TestClient, scorer: Scorer) -> None:
+@pytest.fixture(scope="module")
+def exact(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFactory) -> Scorer:
+    """The champion's compiled forest: float64 probabilities, bit for bit the scikit-learn pipeline's
+    (ONNX Runtime, which the API serves with, sums the trees in float32)."""
+    connect(trained_home.settings)
+    folder = download_bundle(trained_home.registration.model, tmp_path_factory.mktemp("bundle"))
+    scorer = Scorer.from_bundle(folder, compiled=True)
+    assert scorer.backend == "forest"
+    return scorer
+
+
+def test_explain_10_adds_up_to_the_predicted_probability(client: TestClient, exact: Scorer) -> None:
     """With every feature listed, base_value + Σ contributions is the predicted class's probability:
-    within 1e-6 of the scorer's unrounded probability, and within 1e-6 + 5e-7 of the answer's (which
-    is rounded to 6 decimals)."""
+    within 1e-6 of the model's exact (float64) probability, and within 1e-5 of the answer's
+    ``probabilities`` (rounded to 6 decimals, from ONNX Runtime's float32 sums)."""
     records = [PROTOTYPE, HIGH, LOW, *_records(20, seed=9)]
     body = client.post("/predict?explain=10", json=records).json()
-    unrounded = scorer.score_columns(to_columns(typed_frame(records)))
+    unrounded = exact.score_columns(to_columns(typed_frame(records)))
+    assert body["prediction"] == unrounded.labels.tolist()
     for i, explanation in enumerate(body["explanations"]):
         reasons = explanation["reasons"]
         assert sorted(r["feature"] for r in reasons) == sorted(schema.FEATURE_NAMES)
         total = explanation["base_value"] + sum(r["contribution"] for r in reasons)
         segment = explanation["segment"]
-        assert abs(total - body["probabilities"][i][segment]) <= 1.5e-6
+        assert abs(total - body["probabilities"][i][segment]) <= 1e-5
         assert abs(total - unrounded.probabilities[i, unrounded.classes.index(segment)]) <= 1e-6
 
 
@@ -125,8 +137,9 @@ def test_explaining_scores_each_record_once(client: TestClient, monkeypatch: pyt
         return real(columns)
 
     monkeypatch.setattr(served.scorer, "score_columns", counted)
-    assert client.post("/predict?explain=2", json=[PROTOTYPE, HIGH]).status_code == 200
-    assert calls == [2]
+    answer = client.post("/predict?explain=2", json=[PROTOTYPE, HIGH])
+    assert answer.status_code == 200 and len(answer.json()["explanations"]) == 2
+    assert calls == [2]  # one scoring of both rows: the explanations took its scores
 
 
 def test_without_explain_the_answer_is_unchanged_byte_for_byte(client: TestClient) -> None:

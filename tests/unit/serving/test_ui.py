@@ -5,6 +5,7 @@ request to another host in anything the pages load."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,7 +16,8 @@ from starlette.testclient import TestClient
 
 from custseg import schema
 from custseg.serving.app import create_app
-from custseg.serving.ui import pages
+from custseg.serving.security import configured_keys
+from custseg.serving.ui import pages, sessions
 from custseg.settings import Settings
 from tests.conftest import TrainedHome
 
@@ -25,7 +27,12 @@ STATIC = Path(pages.__file__).parent / "static"
 
 
 def _settings(home: Path, **overrides: Any) -> Settings:
-    values = {"home": home, "model_poll_seconds": 0, "trusted_hosts": "testserver", "prediction_log_enabled": False}
+    values = {
+        "home": home,
+        "model_poll_seconds": 0,
+        "trusted_hosts": "testserver",
+        "prediction_log_enabled": False,
+    }
     return Settings(**(values | overrides))
 
 
@@ -111,7 +118,7 @@ def test_submitting_the_form_shows_the_segment_probabilities_and_reasons(client:
     assert page.by_id["segment"] == "medium_value"  # what the API answers for the prototype's customer
     api = client.post("/predict", json=schema.EXAMPLE_RECORD).json()
     for name, p in api["probabilities"][0].items():
-        assert f"<td>{name}</td><td class=\"num\">{p:.3f}</td>" in response.text
+        assert f'<td>{name}</td><td class="num">{p:.3f}</td>' in response.text
     assert "Why medium_value" in page.by_id["reasons"]
     assert response.text.count('class="vega-spec"') == 2
     assert "/ui/static/vendor/vega-embed/vega-embed.min.js" in page.urls
@@ -123,7 +130,13 @@ def test_invalid_values_show_the_api_messages_beside_their_fields(client: TestCl
     response = submit(client, values)
     assert response.status_code == 422
     page = Page(response.text)
-    api_body = {**schema.EXAMPLE_RECORD, "age": 130, "total_spent": -5, "gender": "Robot", "num_site_visits": "many"}
+    api_body = {
+        **schema.EXAMPLE_RECORD,
+        "age": 130,
+        "total_spent": -5,
+        "gender": "Robot",
+        "num_site_visits": "many",
+    }
     del api_body["loyalty_program"]
     api = client.post("/predict", json=api_body)
     assert api.status_code == 422
@@ -141,7 +154,9 @@ def test_the_form_needs_its_csrf_token(client: TestClient) -> None:
     assert client.post("/ui/score", data={**FORM, "csrf_token": "forged"}).status_code == 403
     assert client.post("/ui/score", data=FORM).status_code == 403
     token = csrf(client)
-    cross_site = client.post("/ui/score", data={**FORM, "csrf_token": token}, headers={"origin": "http://evil.example"})
+    cross_site = client.post(
+        "/ui/score", data={**FORM, "csrf_token": token}, headers={"origin": "http://evil.example"}
+    )
     assert cross_site.status_code == 403
 
 
@@ -167,11 +182,19 @@ def test_navigation_links_every_page(client: TestClient) -> None:
 
 
 def test_pages_docs_and_static_files_carry_security_headers(client: TestClient) -> None:
-    for path in ("/ui/score", "/ui/models", "/docs", "/ui/static/app.js", "/ui/static/vendor/vega/vega.min.js"):
+    for path in (
+        "/ui/score",
+        "/ui/models",
+        "/docs",
+        "/ui/static/app.js",
+        "/ui/static/vendor/vega/vega.min.js",
+    ):
         response = client.get(path)
         assert response.status_code == 200, path
         csp = response.headers["content-security-policy"]
-        assert "script-src 'self';" in csp and "unsafe-inline' " not in csp.split("script-src")[1].split(";")[0]
+        assert (
+            "script-src 'self';" in csp and "unsafe-inline' " not in csp.split("script-src")[1].split(";")[0]
+        )
         assert "frame-ancestors 'none'" in csp
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["referrer-policy"] == "no-referrer"
@@ -180,24 +203,32 @@ def test_pages_docs_and_static_files_carry_security_headers(client: TestClient) 
 def test_docs_loads_swagger_ui_from_vendored_files(client: TestClient) -> None:
     page = Page(client.get("/docs").text)
     assert page.urls == [
+        "data:,",  # no favicon request
         "/ui/static/vendor/swagger-ui-dist/swagger-ui.css",
         "/ui/static/vendor/swagger-ui-dist/swagger-ui-bundle.js",
         "/ui/static/docs.js",
     ]
-    for url in page.urls:
+    for url in page.urls[1:]:
         assert client.get(url).status_code == 200
 
 
 def test_nothing_served_points_at_another_host(client: TestClient) -> None:
     scored = submit(client, FORM).text
-    for html in (scored, client.get("/ui/models").text, client.get("/docs").text, client.get("/ui/upload").text):
+    for html in (
+        scored,
+        client.get("/ui/models").text,
+        client.get("/docs").text,
+        client.get("/ui/upload").text,
+    ):
         assert "<script>" not in html  # no inline script: the CSP forbids it
         for url in Page(html).urls:
-            assert url.startswith("/"), url
+            assert url.startswith("/") or url == "data:,", url
     for name in ("app.js", "app.css", "docs.js"):
         assert "http" not in (STATIC / name).read_text(), name
     # only the identifier in a Vega-Lite spec's $schema names another host; it is never fetched
-    assert set(re.findall(r"https?://[^\"' ]+", scored)) == {"https://vega.github.io/schema/vega-lite/v6.json"}
+    assert set(re.findall(r"https?://[^\"' ]+", scored)) == {
+        "https://vega.github.io/schema/vega-lite/v6.json"
+    }
 
 
 def test_every_vendored_package_has_its_licence() -> None:
@@ -205,10 +236,75 @@ def test_every_vendored_package_has_its_licence() -> None:
         assert (package / "LICENSE").stat().st_size > 500, package.name
 
 
-def test_with_api_keys_the_pages_are_closed_until_sign_in_exists(trained_home: TrainedHome) -> None:
-    with TestClient(create_app(_settings(trained_home.home, api_keys="k-123456"))) as keyed:
-        response = keyed.get("/ui/score")
-        assert response.status_code == 403
-        assert "sign-in is not built yet" in response.text
-        assert keyed.get("/docs").status_code == 200
-        assert keyed.post("/predict", json=schema.EXAMPLE_RECORD).status_code == 401
+@pytest.fixture(scope="module")
+def keyed(trained_home: TrainedHome) -> Iterator[TestClient]:
+    settings = _settings(trained_home.home, api_keys="all-key-123456", feedback_keys="fb-key-123456")
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def sign_in(client: TestClient, key: str) -> Any:
+    page = client.get("/ui/sign-in")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token is not None
+    return client.post(
+        "/ui/sign-in", data={"api_key": key, "csrf_token": token.group(1)}, follow_redirects=False
+    )
+
+
+def test_with_api_keys_the_pages_ask_to_sign_in(keyed: TestClient) -> None:
+    keyed.cookies.clear()
+    response = keyed.get("/ui/score", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/ui/sign-in"
+    assert keyed.post("/ui/score", data=FORM, follow_redirects=False).status_code == 303
+    assert keyed.get("/docs").status_code == 200
+    assert keyed.post("/predict", json=schema.EXAMPLE_RECORD).status_code == 401
+    wrong = sign_in(keyed, "not-a-key")
+    assert wrong.status_code == 401 and "That key is not valid" in wrong.text
+
+
+def test_sign_in_sets_a_signed_strict_cookie_and_sign_out_clears_it(keyed: TestClient) -> None:
+    keyed.cookies.clear()
+    response = sign_in(keyed, "all-key-123456")
+    assert response.status_code == 303 and response.headers["location"] == "/ui/score"
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("custseg_session=") and "all-key-123456" not in cookie
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Max-Age=28800" in cookie
+    page = keyed.get("/ui/score")
+    assert page.status_code == 200 and "Sign out" in page.text
+    assert Page(submit(keyed, FORM).text).by_id["segment"] == "medium_value"
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token is not None
+    out = keyed.post("/ui/sign-out", data={"csrf_token": token.group(1)}, follow_redirects=False)
+    assert out.status_code == 303 and 'custseg_session=""' in out.headers["set-cookie"]
+    keyed.cookies.delete("custseg_session", path="/ui")
+    assert keyed.get("/ui/score", follow_redirects=False).status_code == 303
+
+
+def test_a_forged_or_expired_session_is_refused(keyed: TestClient) -> None:
+    keys = pages.keys_of(_Request(keyed))
+    key = keys[0]
+    assert sessions.read(keys, sessions.issue(keys, key)) == key
+    assert (
+        sessions.read(keys, sessions.issue(keys, key, now=time.time() - sessions.SESSION_SECONDS - 1)) is None
+    )
+    payload, signature = sessions.issue(keys, key).split(".")
+    assert sessions.read(keys, f"{payload}.{signature[:-2]}xx") is None
+    other = configured_keys(Settings(api_keys="another-key-999"))
+    assert sessions.read(other, sessions.issue(keys, key)) is None  # keys changed: everyone signs in again
+
+
+def test_a_key_without_the_scoring_scope_sees_models_but_not_score(keyed: TestClient) -> None:
+    keyed.cookies.clear()
+    assert sign_in(keyed, "fb-key-123456").status_code == 303
+    refused = keyed.get("/ui/score")
+    assert refused.status_code == 403 and "&#39;scoring&#39; scope" in refused.text
+    assert keyed.get("/ui/models").status_code == 200
+    keyed.cookies.clear()
+
+
+class _Request:
+    """Just enough of a request for ``pages.keys_of``."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.app = client.app

@@ -37,10 +37,10 @@ def _customers(n: int, seed: int) -> pd.DataFrame:
     return generate(n, seed=seed).drop(columns=[LABEL_COLUMN])
 
 
-def _expected(scorer: Scorer, frame: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _expected(model: Scorer, frame: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k feature names and float32 contributions of each row, from the Scorer itself."""
     records = frame[list(FEATURE_NAMES)].to_dict(orient="records")
-    _, _, contributions = scorer.contributions(to_columns(typed_frame(records)))
+    _, _, contributions = model.contributions(to_columns(typed_frame(records)))
     order = np.argsort(-np.abs(contributions), axis=1, kind="stable")[:, :k]
     names = np.asarray(FEATURE_NAMES, dtype=object)[order]
     return names, np.take_along_axis(contributions, order, axis=1).astype(np.float32)
