@@ -34,11 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 VENV_BIN = Path(sys.executable).parent
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from custseg.io.snapshots import MARKER_FILE, PartWriter, SnapshotStore, feature_schema  # noqa: E402
-from custseg.schema import LABELS  # noqa: E402
-from custseg.settings import Settings  # noqa: E402
+from custseg.io.snapshots import MARKER_FILE, PartWriter, SnapshotStore, feature_schema
+from custseg.schema import LABELS
+from custseg.settings import Settings
 from custseg.workflows.segments import customer_history, segment_moves
 
 CHUNK_ROWS = 100_000
