@@ -33,11 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-VENV_BIN = Path(sys.executable).parent
 from custseg.io.snapshots import MARKER_FILE, PartWriter, SnapshotStore, feature_schema
 from custseg.schema import LABELS
 from custseg.settings import Settings
 from custseg.workflows.segments import customer_history, segment_moves
+
+VENV_BIN = Path(sys.executable).parent
 
 CHUNK_ROWS = 100_000
 """As `custseg score` writes a snapshot: one sorted run of row groups per chunk (its default size)."""
