@@ -22,7 +22,6 @@ from pydantic import (
     Field,
     create_model,
 )
-from pydantic.json_schema import SkipJsonSchema
 
 from custseg import schema
 
@@ -299,23 +298,23 @@ class FeedbackRecord(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             # one of the two ids, not blank (what the prediction log checks); the server sets the time
-            "anyOf": [{"required": ["request_id"]}, {"required": ["customer_id"]}],
+            "anyOf": [
+                {"required": ["request_id"], "properties": {"request_id": {"type": "string"}}},
+                {"required": ["customer_id"], "properties": {"customer_id": {"type": "string"}}},
+            ],
             "not": {"required": ["ts"]},
             "examples": [{"request_id": "5f0c6d0e9a8b4c3d", "customer_segment": "high_value"}],
         }
     )
 
     request_id: (
-        Annotated[str, _printable_id(REQUEST_ID_MAX, "request_id of the answered prediction")]
-        | (SkipJsonSchema[None])
+        Annotated[str, _printable_id(REQUEST_ID_MAX, "request_id of the answered prediction")] | None
     ) = None
-    row_index: (
-        Annotated[int, Field(ge=0, description="0-based position in that request's batch")]
-        | (SkipJsonSchema[None])
-    ) = None
+    row_index: Annotated[int, Field(ge=0, description="0-based position in that request's batch")] | None = (
+        None
+    )
     customer_id: (
-        Annotated[str, _printable_id(CUSTOMER_ID_MAX, "instead of request_id: the customer's id")]
-        | (SkipJsonSchema[None])
+        Annotated[str, _printable_id(CUSTOMER_ID_MAX, "instead of request_id: the customer's id")] | None
     ) = None
     customer_segment: str = Field(
         description="The customer's true segment.", json_schema_extra={"enum": list(schema.LABELS)}

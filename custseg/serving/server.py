@@ -82,6 +82,8 @@ def run_server(
 
     check_bind(host, settings, insecure=insecure)
     configure_logging(log_level)
+    # MLflow draws download progress bars on stderr; in a server log they split the JSON access lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     workers = workers or default_workers(settings)
     settings = settings.model_copy(update={"trusted_hosts": serving_hosts(settings, host)})
     common: dict[str, Any] = {

@@ -22,6 +22,9 @@ destination is replaced only when it carries one: never the input, never someone
 
 Run on a cluster: ``spark-submit [options] custseg/cli/spark_submit.py INPUT --out OUTPUT [...]`` takes the
 same options as ``custseg score``.
+
+One cohesive thing at ~500 lines: the session, the bundle broadcast, the partition scorer and the
+marker-guarded writes are the Spark engine's one job, and they share its path and marker rules.
 """
 
 from __future__ import annotations

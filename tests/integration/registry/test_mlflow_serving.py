@@ -126,7 +126,7 @@ def test_pyfunc_accepts_a_frame_of_the_prototype_record(trained_home: TrainedHom
 
 def test_pyfunc_checks_the_bundle_against_its_mlmodel(trained_home: TrainedHome, tmp_path: Path) -> None:
     """Loaded from a copied folder (no registry, no tags): the MLmodel's digests still refuse a change."""
-    from .test_bundle_verification import plant_exec
+    from tests.unit.registry.test_bundle_verification import plant_exec
 
     connect(trained_home.settings)
     version = trained_home.registration.model.version
