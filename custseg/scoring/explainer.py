@@ -49,6 +49,7 @@ import numpy as np
 
 from custseg import schema
 from custseg.errors import ExplanationError
+from custseg.scoring.forest import encodable, encode_columns, float32_at_most
 
 EXPLAINER_FILE = "explainer.npz"
 FORMAT_VERSION = 1
@@ -154,7 +155,7 @@ class TreeExplainer:
         """The explainer of a fitted custseg pipeline; `ExplanationError` if it cannot be exact."""
         started = time.perf_counter()
         columns = tuple(str(c) for c in pipeline[:-1].get_feature_names_out())
-        if not _encodable(columns):
+        if not encodable(columns):
             raise ExplanationError(
                 f"cannot explain a model whose inputs are {list(columns)}: "
                 "expected the encoding of custseg.core.training.build_pipeline"
@@ -177,15 +178,8 @@ class TreeExplainer:
         return explainer
 
     def encode(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
-        """A C-ordered float32 matrix from model inputs (see `predict.to_columns`; gender canonical)."""
-        n = len(next(iter(columns.values())))
-        matrix = np.empty((n, len(self.columns)), dtype=np.float32)
-        for j, name in enumerate(self.columns):
-            if name.startswith("gender_"):
-                matrix[:, j] = np.asarray(columns["gender"]).ravel() == name.removeprefix("gender_")
-            else:
-                matrix[:, j] = np.asarray(columns[name]).ravel()
-        return matrix
+        """A C-ordered float32 matrix from model inputs (see `scorer.to_columns`; gender canonical)."""
+        return encode_columns(columns, self.columns)
 
     def explain(self, columns: Mapping[str, np.ndarray], *, threads: int = 1) -> Explanation:
         """Contributions of every row to every class, in one pass (columns as `predict.to_columns`)."""
@@ -271,7 +265,7 @@ class TreeExplainer:
         """Raise ValueError unless the arrays are consistent (the kernel re-checks every index itself)."""
         if self.output not in ("probability", "log_odds"):
             raise ValueError(f"unknown explainer output {self.output!r}")
-        if set(self.features) != set(schema.FEATURE_NAMES) or not _encodable(self.columns):
+        if set(self.features) != set(schema.FEATURE_NAMES) or not encodable(self.columns):
             raise ValueError("explainer columns or features do not match custseg's schema")
         if self.base_values.shape != (len(self.classes),) or self.leaf_value.shape[1:] != (
             len(self.classes),
@@ -310,12 +304,6 @@ def _kernel() -> Any:
 
 
 # --- building from scikit-learn -------------------------------------------------------------------------
-
-
-def _encodable(columns: tuple[str, ...]) -> bool:
-    """True when every encoded column is a gender indicator or a raw numeric feature."""
-    genders = {f"gender_{g}" for g in schema.GENDERS}
-    return bool(columns) and all(c in genders or c in schema.NUMERIC_FEATURES for c in columns)
 
 
 def _unpack_model(model: Any) -> tuple[list[Any], list[float], str, np.ndarray, tuple[str, ...]]:
@@ -398,7 +386,7 @@ class _Builder:
         self.trees.append((len(self.feature), len(inner), len(self.path), len(leaves)))
         for node in inner:
             self.feature.append(int(tree.feature[node]))
-            self.threshold.append(_float32_at_most(float(tree.threshold[node])))
+            self.threshold.append(float(float32_at_most(float(tree.threshold[node]))))
             self.children.append((slot[left[node]], slot[right[node]]))
         paths = _leaf_paths(tree, cover)
         raw = tree.value[:, 0, :]
@@ -539,11 +527,3 @@ def _subset_tables(z: np.ndarray, d: int) -> np.ndarray:
     # H(A) = sum over t <= |A| of w[|A| - t] e_t (w[d] = 0: T(U) is never used)
     weights = np.where(t[None, :] <= size[:, None], w[np.clip(size[:, None] - t[None, :], 0, d)], 0.0)
     return np.einsum("nat,at->na", poly, weights) * outside
-
-
-def _float32_at_most(threshold: float) -> float:
-    """The largest float32 <= ``threshold``: for float32 x, ``x <= threshold`` iff ``x <= result``."""
-    value = np.float32(threshold)
-    if float(value) > threshold:
-        value = np.nextafter(value, np.float32(-np.inf))
-    return float(value)

@@ -54,15 +54,8 @@ class CompiledForest:
         return len(self.roots)
 
     def encode(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
-        """A C-ordered float32 matrix from model inputs (see `predict.to_columns`; gender canonical)."""
-        n = len(next(iter(columns.values())))
-        matrix = np.empty((n, len(self.columns)), dtype=np.float32)
-        for j, name in enumerate(self.columns):
-            if name.startswith("gender_"):
-                matrix[:, j] = np.asarray(columns["gender"]).ravel() == name.removeprefix("gender_")
-            else:
-                matrix[:, j] = np.asarray(columns[name]).ravel()
-        return matrix
+        """A C-ordered float32 matrix from model inputs (see `scorer.to_columns`; gender canonical)."""
+        return encode_columns(columns, self.columns)
 
     def predict_proba(self, matrix: np.ndarray) -> np.ndarray:
         """Class probabilities (float64, columns follow ``classes``) of an encoded float32 matrix."""
@@ -153,7 +146,7 @@ def compile_pipeline(pipeline: Any) -> CompiledForest | None:
     if getattr(model, "n_outputs_", 1) != 1 or len(model.classes_) > MAX_CLASSES:
         return None
     columns = tuple(str(c) for c in pipeline[:-1].get_feature_names_out())
-    if not _encodable(columns) or len(columns) > 1 << _FEATURE_BITS:
+    if not encodable(columns) or len(columns) > 1 << _FEATURE_BITS:
         return None
 
     packed, thresholds, values, roots, depths = [], [], [], [], []
@@ -179,10 +172,22 @@ def compile_pipeline(pipeline: Any) -> CompiledForest | None:
     return forest
 
 
-def _encodable(columns: tuple[str, ...]) -> bool:
+def encode_columns(columns: Mapping[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """The model's encoded float32 matrix (C order) for ``names``: raw numerics, and 0/1 gender indicators."""
+    n = len(next(iter(columns.values())))
+    matrix = np.empty((n, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        if name.startswith("gender_"):
+            matrix[:, j] = np.asarray(columns["gender"]).ravel() == name.removeprefix("gender_")
+        else:
+            matrix[:, j] = np.asarray(columns[name]).ravel()
+    return matrix
+
+
+def encodable(columns: tuple[str, ...]) -> bool:
     """True when every encoded column is a gender indicator or a raw numeric feature."""
     genders = {f"gender_{g}" for g in schema.GENDERS}
-    return all(c in genders or c in schema.NUMERIC_FEATURES for c in columns)
+    return bool(columns) and all(c in genders or c in schema.NUMERIC_FEATURES for c in columns)
 
 
 def _flatten(tree: Any, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -209,7 +214,7 @@ def _flatten(tree: Any, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         j = new_id[old]
         if left[old] >= 0:
             packed[j] = (base + new_id[left[old]]) << _FEATURE_BITS | int(tree.feature[old])
-            threshold[j] = _float32_at_most(float(tree.threshold[old]))
+            threshold[j] = float32_at_most(float(tree.threshold[old]))
         else:
             packed[j] = (base + j) << _FEATURE_BITS
             value[j] = fractions[old]
@@ -218,7 +223,7 @@ def _flatten(tree: Any, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return packed, threshold, value, int(tree.max_depth)
 
 
-def _float32_at_most(threshold: float) -> np.float32:
+def float32_at_most(threshold: float) -> np.float32:
     """The largest float32 <= ``threshold``: for float32 x, ``x <= threshold`` iff ``x <= result``."""
     value = np.float32(threshold)
     if float(value) > threshold:
