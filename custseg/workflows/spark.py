@@ -268,7 +268,7 @@ def score_spark(
     *,
     rejects: str | None = None,
     chunk_rows: int | None = None,
-    snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any], None] | None = None,
+    snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any, str], int] | None = None,
     reasons: int = 0,
 ) -> BatchSummary:
     """Score ``input`` into the Parquet folder ``output``; rejects to ``rejects``; ``reasons=K`` adds the
@@ -308,12 +308,14 @@ def score_spark(
         scored.filter(F.col(REASON_COLUMN).isNotNull()).select(ID_COLUMN, REASON_COLUMN).write.mode(
             "overwrite"
         ).parquet(tmp_rejects)
+        # `--snapshot DATE` (custseg.workflows.spark_snapshots): recorded before the outputs are moved into
+        # place, so the ids it leaves out as duplicates join the rejects like the local engine's.
+        if snapshot is not None:
+            snapshot(spark, frame, bundle, broadcast, tmp_rejects)
         for tmp in (tmp_out, tmp_rejects):
             _write_marker(spark, tmp, bundle.version)
         _replace(spark, tmp_out, output)
         _replace(spark, tmp_rejects, rejects)
-        if snapshot is not None:  # `--snapshot DATE`: custseg.workflows.spark_snapshots
-            snapshot(spark, frame, bundle, broadcast)
     except BaseException as exc:
         for tmp in (tmp_out, tmp_rejects):
             try:
@@ -489,7 +491,7 @@ def score_with_spark(
     model_uri: str | None = None,
     rejects: str | None = None,
     chunk_rows: int | None = None,
-    snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any], None] | None = None,
+    snapshot: Callable[[SparkSession, DataFrame, ModelBundle, Any, str], int] | None = None,
     reasons: int = 0,
 ) -> BatchSummary:
     """What ``custseg score --engine spark`` does: load the model, get a session, score."""

@@ -1,11 +1,12 @@
 """The Spark engine's side of ``custseg score --snapshot DATE``: the same snapshot layout, written by Spark.
 
 The executors score the input again with the broadcast bundle through the same
-:func:`custseg.workflows.batch.score_chunk` and build each snapshot row with the local store's own
+:func:`custseg.scoring.chunks.score_chunk` and build each snapshot row with the local store's own
 :func:`custseg.io.snapshots.snapshot_table` and :func:`typed_features`, so a snapshot is the same whichever
-engine recorded it. Duplicate ids keep their first occurrence (in input order); the others are left out
-and counted in the marker file. The folder is written under a hidden temporary name beside
-``date=YYYY-MM-DD`` and renamed through Hadoop's FileSystem, so ``hdfs://`` and ``s3a://`` roots work too.
+engine recorded it. Duplicate ids keep their first occurrence (in input order); the others are left out,
+counted in the marker file and added to the run's rejects folder with their reason. The folder is written
+under a hidden temporary name beside ``date=YYYY-MM-DD`` and renamed through Hadoop's FileSystem, so
+``hdfs://`` and ``s3a://`` roots work too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from custseg.errors import SnapshotError
 from custseg.io.snapshots import MARKER_FILE, feature_schema, snapshot_table, typed_features
 from custseg.schema import ID_COLUMN
 from custseg.scoring.chunks import INPUT_COLUMNS, output_schema, score_chunk
-from custseg.workflows.spark import ModelBundle, _hadoop_child, _hadoop_fs, _worker_scorer
+from custseg.workflows.spark import REASON_COLUMN, ModelBundle, _hadoop_child, _hadoop_fs, _worker_scorer
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -75,7 +76,11 @@ class SparkSnapshotSink:
         self.duplicates = 0
         self.rows = 0
 
-    def __call__(self, spark: SparkSession, frame: DataFrame, bundle: ModelBundle, broadcast: Any) -> None:
+    def __call__(
+        self, spark: SparkSession, frame: DataFrame, bundle: ModelBundle, broadcast: Any, rejects: str
+    ) -> int:
+        """Record the snapshot; append the ids left out as duplicates to the ``rejects`` folder (Parquet
+        ``customer_id, reason``, like the engine's other rejects) and return how many there were."""
         from pyspark.sql import Window
         from pyspark.sql import functions as F
 
@@ -100,6 +105,9 @@ class SparkSnapshotSink:
         ranked = ranked.persist()
         try:
             total = ranked.count()
+            ranked.filter(F.col("_occurrence") > 1).select(
+                F.col(ID_COLUMN), F.lit(f"duplicate customer_id in snapshot {day}").alias(REASON_COLUMN)
+            ).write.mode("append").parquet(rejects)
             kept = ranked.filter(F.col("_occurrence") == 1).drop(_ORDER, "_occurrence")
             # The window shuffled into spark.sql.shuffle.partitions (200 by default): as many files as
             # the input had partitions keeps the footers a look-up reads few. Sorted by id in small row
@@ -139,3 +147,4 @@ class SparkSnapshotSink:
             raise SnapshotError(
                 f"Could not move the finished snapshot {tmp} to {final}; it is left at {tmp}."
             )
+        return self.duplicates

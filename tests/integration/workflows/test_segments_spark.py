@@ -60,18 +60,26 @@ def test_spark_and_local_snapshots_are_equal(
     version = trained_home.registration.model.version
     local_store = SnapshotStore(tmp_path / "local")
     writer = SnapshotWriter(local_store, DAY, "customer-segments")
-    score_file(source, tmp_path / "local.parquet", scorer, version, snapshot=writer)
+    local = score_file(source, tmp_path / "local.parquet", scorer, version, snapshot=writer)
 
     settings = Settings(home=trained_home.home, snapshots_uri=str(tmp_path / "spark"))
     recording = SnapshotRecording(settings, DAY)
     sink = recording.spark_sink()
-    score_spark(
+    on_spark = score_spark(
         spark, str(source), str(tmp_path / "spark.parquet"), load_bundle(trained_home.settings), snapshot=sink
     )  # type: ignore[arg-type]
 
     spark_store = SnapshotStore(tmp_path / "spark")
     assert spark_store.dates() == local_store.dates() == [DAY]
     assert sink.duplicates == writer.duplicates == 1
+    # both engines list the left-out duplicate among the rejects, with the same reason
+    duplicate_id = frame.loc[10, ID_COLUMN]
+    local_rejects = pd.read_csv(local.rejects, dtype=str)
+    spark_rejects = pd.read_parquet(on_spark.rejects)
+    for rejects in (local_rejects, spark_rejects):
+        reasons = rejects.loc[rejects[ID_COLUMN] == duplicate_id, "reason"].tolist()
+        assert reasons == [f"duplicate customer_id in snapshot {DAY.isoformat()}"], rejects
+    assert on_spark.rows_rejected == local.rows_rejected == 1  # BAD_1; the duplicate was scored
     ours = pd.read_parquet(local_store.path_for(DAY)).sort_values(ID_COLUMN).reset_index(drop=True)
     theirs = pd.read_parquet(spark_store.path_for(DAY)).sort_values(ID_COLUMN).reset_index(drop=True)
     assert len(ours) == 400 and list(theirs.columns) == list(ours.columns)
