@@ -288,14 +288,15 @@ def export_moves(
     out = Path(out)
     if out.suffix.lower() != ".csv":
         raise SnapshotError(f"--out {out} must name a .csv file.")
-    with snapshot_connection(store, {"earlier": [since], "later": [until]}) as con:
+    between = [d for d in store.dates() if since < d <= until]
+    with snapshot_connection(store, {"earlier": [since], "later": [until], "between": between}) as con:
         reasons = [n for n in _columns(con, "later") if n.startswith(REASON_PREFIX)]
-        extra = "".join(f", b.{n}" for n in reasons)
-        table = _arrow(
-            con,
-            _sql("segment_export").replace("{reasons}", extra),
-            {"to_date": until.isoformat(), "changed_only": changed_only},
+        query = (
+            _sql("segment_export")
+            .replace("{reasons}", "".join(f", b.{n}" for n in reasons))
+            .replace("{reason_columns}", "".join(f", p.{n}" for n in reasons))
         )
+        table = _arrow(con, query, {"from_date": since.isoformat(), "changed_only": changed_only})
     safe = [
         spreadsheet_safe(table.column(i)) if is_text(table.schema.field(i).type) else table.column(i)
         for i in range(table.num_columns)

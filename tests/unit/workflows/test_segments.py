@@ -520,3 +520,43 @@ def test_reason_columns_are_recorded_shown_in_history_and_exported(tmp_path: Pat
     assert list(crm.columns)[-2:] == ["reason_1", "reason_2"] and len(crm) == 2
     # Spreadsheet-safe: a cell a spreadsheet would run as a formula starts with a quote.
     assert set(crm["segment"]) == {"high_value", "'=cmd()"} and set(crm["reason_2"]) == {"'-x"}
+
+
+def test_changed_on_is_the_first_date_the_customer_stayed_in_its_new_segment(tmp_path: Path) -> None:
+    """Four monthly snapshots: the date of a change is read from the snapshots in between, not --to."""
+    import pyarrow as pa
+
+    from custseg.io.snapshots import SnapshotWriter
+    from custseg.scoring.chunks import output_table
+    from custseg.scoring.scorer import Scores
+    from custseg.workflows.segments import export_moves
+
+    store = SnapshotStore(tmp_path / "snaps")
+    frame = generate(4, seed=9).drop(columns=["customer_segment"])
+    raw = pa.Table.from_pandas(frame.astype(str), preserve_index=False)
+    ids = pa.array(frame[ID_COLUMN])
+    m, h = "medium_value", "high_value"
+    days = [date(2026, 1, 31), date(2026, 2, 28), date(2026, 3, 31), date(2026, 4, 30)]
+    history = [  # per date, the four customers' segments
+        [m, m, m, m],
+        [h, m, h, m],  # customer 0 moves in February for good; customer 2 moves in February, back, again
+        [h, h, m, m],  # customer 1 moves in March
+        [h, h, h, m],  # customer 2 is high again from April; customer 3 never moves
+    ]
+    for day, labels in zip(days, history, strict=True):
+        writer = SnapshotWriter(store, day, "customer-segments")
+        writer.write(
+            raw,
+            np.arange(1, 5),
+            output_table(ids, Scores(np.asarray(labels), np.tile([0.1, 0.1, 0.8], (4, 1)), LABELS), "1"),
+        )
+        writer.commit()
+    crm = pd.read_csv(export_moves(store, days[0], days[-1], tmp_path / "crm.csv").path, dtype=str,
+                      keep_default_na=False)  # fmt: skip
+    changed_on = dict(zip(crm[ID_COLUMN], crm["changed_on"], strict=True))
+    expected = ["2026-02-28", "2026-03-31", "2026-04-30", ""]
+    assert [changed_on[i] for i in frame[ID_COLUMN]] == expected
+    # Over one month only, the change is dated that month's snapshot.
+    crm = pd.read_csv(export_moves(store, days[1], days[2], tmp_path / "m.csv").path, dtype=str,
+                      keep_default_na=False)  # fmt: skip
+    assert dict(zip(crm[ID_COLUMN], crm["changed_on"], strict=True))[frame[ID_COLUMN].iloc[1]] == "2026-03-31"
