@@ -23,19 +23,7 @@ from custseg.serving.server import check_bind
 from custseg.settings import Settings
 from tests.conftest import TrainedHome
 
-PROTOTYPE = {
-    "age": 56,
-    "gender": "Male",
-    "annual_income": 65648,
-    "total_spent": 49624,
-    "num_purchases": 17,
-    "avg_purchase_value": 467,
-    "online_activity_score": 52,
-    "loyalty_program": 0,
-    "days_since_last_purchase": 235,
-    "num_site_visits": 61,
-}
-"""The prototype's request body (DESIGN.md); it was answered with medium_value."""
+PROTOTYPE = dict(schema.EXAMPLE_RECORD)  # the prototype's request body (DESIGN.md)
 
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_ROWS = 40

@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 
 import custseg
 from custseg import errors as kernel_errors
+from custseg import schema
 from custseg.errors import (
     INTERNAL_MESSAGE,
     CustsegError,
@@ -41,18 +42,7 @@ from custseg.serving.routes.feedback import feedback_answer
 from custseg.settings import Settings
 from tests.conftest import TrainedHome
 
-PROTOTYPE = {
-    "age": 56,
-    "gender": "Male",
-    "annual_income": 65648,
-    "total_spent": 49624,
-    "num_purchases": 17,
-    "avg_purchase_value": 467,
-    "online_activity_score": 52,
-    "loyalty_program": 0,
-    "days_since_last_purchase": 235,
-    "num_site_visits": 61,
-}
+PROTOTYPE = dict(schema.EXAMPLE_RECORD)  # the prototype's request body (DESIGN.md)
 SECRET = "postgresql://svc:s3cret@db.internal/x in /work/custseg/thing.py"
 """Text an internal error may carry; a client must never read it."""
 

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
+from custseg import schema
 from custseg.predlog import PredictionLog
 from custseg.serving.app import create_app
 from custseg.serving.security import key_name
@@ -27,18 +28,7 @@ from tests.conftest import TrainedHome
 from tests.monitoring_support import app_server
 from tests.servers import free_port
 
-PROTOTYPE = {
-    "age": 56,
-    "gender": "Male",
-    "annual_income": 65648,
-    "total_spent": 49624,
-    "num_purchases": 17,
-    "avg_purchase_value": 467,
-    "online_activity_score": 52,
-    "loyalty_program": 0,
-    "days_since_last_purchase": 235,
-    "num_site_visits": 61,
-}
+PROTOTYPE = dict(schema.EXAMPLE_RECORD)  # the prototype's request body (DESIGN.md)
 JSON = {"content-type": "application/json"}
 SCORING, FEEDBACK, ADMIN, ALL = "scoring-key-1111", "feedback-key-2222", "admin-key-3333", "all-key-4444"
 
