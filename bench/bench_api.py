@@ -1,7 +1,9 @@
 """Load benchmark: `custseg serve` against a faithful rebuild of the prototype's server, same data, same load.
 
-Usage: ``.venv/bin/python bench/bench_api.py [--duration 10] [--repeats 3] [--workers 2] [--json OUT]``
-(needs ``wrk``: ``apt-get install -y wrk``).
+Usage: ``.venv/bin/python bench/bench_api.py [--duration 10] [--repeats 3] [--workers 2] [--json OUT]
+[--baseline DIR]`` (needs ``wrk``: ``apt-get install -y wrk``). ``--baseline`` names a checkout of an
+older custseg (e.g. ``git worktree add /tmp/old <rev>``, its C kernel built in place): its ``custseg
+serve`` runs beside ours, log on and off, trained by its own code, to compare two versions in one run.
 
 What it does, all in one run so the figures share the machine's conditions:
 
@@ -188,6 +190,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="custseg serve worker processes.")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "customers.csv")
     parser.add_argument("--json", type=Path, help="Also write every run and the summary here.")
+    parser.add_argument(
+        "--baseline", type=Path, help="Checkout of an older custseg to serve beside ours (log on and off)."
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -221,12 +226,14 @@ def main() -> None:
         prototype.command = [sys.executable, "bench/prototype/app.py", str(prototype.port)]
         for server in (logged, unlogged):
             server.command = [*serve, str(server.port)]
+        if args.baseline is not None:
+            servers += baseline_servers(args.baseline.resolve(), base_env, tmp, args)
         try:
             for server in servers:
                 start(server)
             wait_ready(prototype, "/")
-            wait_ready(logged, "/health/ready")
-            wait_ready(unlogged, "/health/ready")
+            for server in servers[1:]:
+                wait_ready(server, "/health/ready")
             for server in servers:
                 answer = httpx.post(
                     server.url + "/predict",
@@ -242,7 +249,8 @@ def main() -> None:
                 flush=True,
             )
             for repeat in range(args.repeats):
-                order = servers[repeat % 3 :] + servers[: repeat % 3]
+                turn = repeat % len(servers)
+                order = servers[turn:] + servers[:turn]
                 for connections in CONNECTIONS:
                     for server in order:
                         result = wrk(server, script, connections, args.duration)
@@ -262,11 +270,58 @@ def main() -> None:
         )
         logged_rows = _count_logged(home / "predictions.db")
         summary = report(servers, served, logged_rows)
+        if args.baseline is not None:
+            summary.update(report_baseline(servers))
         if args.json:
             args.json.write_text(
                 json.dumps({"summary": summary, "servers": [_as_record(s) for s in servers]}, indent=2)
             )  # fmt: skip
             print(f"\nwrote {args.json}")
+
+
+def baseline_servers(
+    checkout: Path, base_env: dict[str, str], tmp: Path, args: argparse.Namespace
+) -> list[Server]:
+    """An older checkout's ``custseg serve`` (log on, log off), with a champion its own code trained."""
+    env = {**base_env, "CUSTSEG_HOME": str(tmp / "baseline-home"), "PYTHONPATH": str(checkout)}
+    print(f"training a champion with the baseline code in {checkout} ...", flush=True)
+    run_checked([str(BIN / "custseg"), "train", "--data", str(args.data)], env, "baseline custseg train")
+    off = {**env, "CUSTSEG_PREDICTION_LOG_ENABLED": "false"}
+    servers = [
+        Server("baseline serve (prediction log on)", [], env, free_port(), tmp / "baseline-on.log"),
+        Server("baseline serve (prediction log off)", [], off, free_port(), tmp / "baseline-off.log"),
+    ]
+    for server in servers:
+        server.command = [
+            str(BIN / "custseg"),
+            "serve",
+            "--workers",
+            str(args.workers),
+            "--port",
+            str(server.port),
+        ]
+    return servers
+
+
+def report_baseline(servers: list[Server]) -> dict[str, float]:
+    """Ours against the baseline checkout at 16 connections: throughput and CPU per request."""
+    _, logged, unlogged, old_logged, old_unlogged = servers
+    figures: dict[str, float] = {}
+    print()
+    for mode, ours, old in (("log on", logged, old_logged), ("log off", unlogged, old_unlogged)):
+        rps, old_rps = median(ours, 16, "rps"), median(old, 16, "rps")
+        cpu, old_cpu = median(ours, 16, "cpu_us"), median(old, 16, "cpu_us")
+        print(
+            f"vs baseline, {mode}, 16 connections: {rps:.0f} vs {old_rps:.0f} req/s ({rps / old_rps:.2f}x), "
+            f"CPU {cpu:.0f} vs {old_cpu:.0f} us/request ({cpu / old_cpu - 1:+.1%})"
+        )
+        key = mode.replace(" ", "_")
+        figures[f"baseline_rps_ratio_{key}"] = rps / old_rps
+        figures[f"baseline_cpu_change_{key}"] = cpu / old_cpu - 1
+    old_cost = 1 - median(old_logged, 16, "rps") / median(old_unlogged, 16, "rps")
+    print(f"baseline prediction log cost in throughput at 16 connections: {old_cost:.1%}")
+    figures["baseline_log_cost_16"] = old_cost
+    return figures
 
 
 def _as_record(server: Server) -> dict[str, object]:
@@ -281,7 +336,7 @@ def _count_logged(database: Path) -> int | None:
 
 
 def report(servers: list[Server], served: int, logged_rows: int | None) -> dict[str, float]:
-    prototype, logged, unlogged = servers
+    prototype, logged, unlogged = servers[:3]
     header = (
         f"{'median of runs':<40} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10}"
     )

@@ -8,9 +8,14 @@ Naive paths (one process each), both ``pandas.read_csv`` -> ``.predict`` -> ``Da
 - ``naive mlflow``: ``mlflow.pyfunc.load_model("models:/customer-segments@champion")``, the way the
   README offers the champion to Python users (registry lookup, ONNX Runtime, checks every row).
 
+``custseg walk`` is ``custseg score`` with the forest evaluated node by node whatever training chose (the
+compiled kernel before the bitmask evaluator, `custseg.scoring.quickscorer`): the evaluator's share of a
+whole run.
+
 ``custseg score`` does more (checks every row, writes three probability columns and the model version,
-a rejects file) and still streams. Its first run after training resolves the champion through MLflow and
-fills the model cache (``cold``); later runs find the registry unchanged and skip MLflow (``warm``).
+a rejects file) and still streams. ``cold`` is a run with the model cache emptied: it reads the champion
+from the registry's SQLite file and copies its bundle into the cache (`bench/bench_cold.py` compares that
+with the way through MLflow); ``warm`` runs find the registry unchanged and the bundle cached.
 
 Usage::
 
@@ -65,7 +70,16 @@ df[["customer_id", "segment"]].to_csv(out, index=False)
 """
 
 
-PATHS = ("custseg score", "naive sklearn", "naive mlflow")
+WALK_ONLY = """
+import sys
+import custseg.scoring.scorer as scorer
+scorer.recorded_evaluator = lambda meta: "walk"  # as before the bitmask evaluator existed
+sys.argv = ["custseg", "score", *sys.argv[1:]]
+from custseg.cli import main
+main()
+"""
+
+PATHS = ("custseg score", "custseg walk", "naive sklearn", "naive mlflow")
 
 
 def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -151,7 +165,10 @@ def main() -> None:
         env.pop("MLFLOW_TRACKING_URI", None)
         from custseg.scoring.scorer import Scorer
 
-        backend = Scorer.from_bundle(bundle, compiled=True).backend
+        scorer = Scorer.from_bundle(bundle, compiled=True)
+        backend = scorer.backend
+        if scorer._forest is not None:
+            backend += f", {scorer._forest.evaluator} evaluator"
         print(
             f"model version {version} (custseg score engine: {backend}); {os.cpu_count()} CPUs; "
             f"load average {os.getloadavg()[0]:.1f}"
@@ -162,13 +179,14 @@ def main() -> None:
             source = work / f"customers_{rows}.csv"
             generate_file(source, rows, seed=rows % 1000)
             outputs = {name: work / f"{name.replace(' ', '_')}.csv" for name in PATHS}
-            ours_out, sk_out, ml_out = (str(outputs[name]) for name in PATHS)
+            ours_out, walk_out, sk_out, ml_out = (str(outputs[name]) for name in PATHS)
             commands = {
                 "custseg score": [str(VENV_BIN / "custseg"), "score", str(source), "--out", ours_out],
+                "custseg walk": [sys.executable, "-c", WALK_ONLY, str(source), "--out", walk_out],
                 "naive sklearn": [sys.executable, "-c", NAIVE, str(bundle), str(source), sk_out],
                 "naive mlflow": [sys.executable, "-c", NAIVE_MLFLOW, str(source), ml_out],
             }
-            # Cold: the first run after training (or after the cache is cleared) asks MLflow.
+            # Cold: the model cache emptied (as on a new machine, or after the alias moved elsewhere).
             shutil.rmtree(home / "cache", ignore_errors=True)
             cold = run_measured(commands["custseg score"], env)
             runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
@@ -177,12 +195,12 @@ def main() -> None:
                     runs[name].append(run_measured(command, env))
             mismatches = {
                 name: compare_labels(outputs["custseg score"], outputs[name], rows)
-                for name in ("naive sklearn", "naive mlflow")
+                for name in ("custseg walk", "naive sklearn", "naive mlflow")
             }
             summary = {}
             print(
                 f"{rows:>11,} {'custseg (cold)':<15} {cold[0]:>9.2f} {rows / cold[0]:>11,.0f} "
-                f"{cold[1]:>8,.0f}  (first run: asks MLflow, fills the model cache)"
+                f"{cold[1]:>8,.0f}  (model cache emptied first)"
             )
             for name, measured in runs.items():
                 seconds = statistics.median(s for s, _ in measured)
@@ -198,11 +216,15 @@ def main() -> None:
                     f"{', '.join(f'{s:.1f}' for s, _ in measured)}"
                 )
             ours = summary["custseg score"]["seconds"]
-            ratios = {name: summary[name]["seconds"] / ours for name in ("naive sklearn", "naive mlflow")}
+            ratios = {
+                name: summary[name]["seconds"] / ours
+                for name in ("custseg walk", "naive sklearn", "naive mlflow")
+            }
             cold_ratio = summary["naive sklearn"]["seconds"] / cold[0]
             print(
                 f"{rows:>11,} speed-up {ratios['naive sklearn']:.1f}x vs naive sklearn "
-                f"({cold_ratio:.1f}x cold), {ratios['naive mlflow']:.1f}x vs naive mlflow; "
+                f"({cold_ratio:.1f}x cold), {ratios['naive mlflow']:.1f}x vs naive mlflow, "
+                f"{ratios['custseg walk']:.2f}x vs the node walk; "
                 f"label mismatches {mismatches}; input {source.stat().st_size / 1e6:,.0f} MB",
                 flush=True,
             )

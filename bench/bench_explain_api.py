@@ -1,9 +1,10 @@
 """Explanations in the API: ``POST /predict?explain=3`` against plain ``/predict``, same server, same run.
 
-Usage: ``.venv/bin/python bench/bench_explain_api.py [--duration 5] [--repeats 3] [--workers 2] [--json OUT]``
-(needs ``wrk``).
+Usage: ``.venv/bin/python bench/bench_explain_api.py [--duration 5] [--repeats 3] [--workers 2] [--home DIR]
+[--json OUT]`` (needs ``wrk``).
 
-1. trains a champion with ``custseg train --data data/customers.csv`` in a temporary CUSTSEG_HOME;
+1. trains a champion with ``custseg train --data data/customers.csv`` in a temporary CUSTSEG_HOME (or
+   serves the champion of ``--home``, a CUSTSEG_HOME trained that way: no training in the run);
 2. starts ``custseg serve --workers N`` as shipped (prediction log on: explained requests also log their
    reasons) and checks that ``?explain=3`` answers three reasons;
 3. runs wrk with the prototype's body at 1 and 16 connections on ``/predict`` and ``/predict?explain=3``,
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="custseg serve worker processes.")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "customers.csv")
     parser.add_argument("--json", type=Path, help="Also write every run and the summary here.")
+    parser.add_argument("--home", type=Path, help="A CUSTSEG_HOME with a champion (skips training).")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -64,12 +66,13 @@ def main() -> None:
         tmp = Path(tmp_name)
         env = {
             **os.environ,
-            "CUSTSEG_HOME": str(tmp / "home"),
+            "CUSTSEG_HOME": str(args.home or tmp / "home"),
             "MLFLOW_TRACKING_URI": "",
             "PYTHONUNBUFFERED": "1",
         }
-        print(f"training a custseg champion on {args.data} ...", flush=True)
-        run_checked([str(BIN / "custseg"), "train", "--data", str(args.data)], env, "custseg train")
+        if args.home is None:
+            print(f"training a custseg champion on {args.data} ...", flush=True)
+            run_checked([str(BIN / "custseg"), "train", "--data", str(args.data)], env, "custseg train")
         script = tmp / "post.lua"
         script.write_text(WRK_SCRIPT.replace("BODY", PROTOTYPE_BODY))
         port = free_port()

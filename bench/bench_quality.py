@@ -1,26 +1,51 @@
-"""Model quality: custseg's selection vs the prototype's recipe, trained on 1,000-row samples.
+"""Model quality on small, imbalanced data: the new recipe, today's (v1) recipe and the prototype's.
 
-Usage: ``.venv/bin/python bench/bench_quality.py [--seeds 5] [--eval-rows 100000]``
+Usage: ``.venv/bin/python bench/bench_quality.py [--draws 10] [--eval-rows 100000] [--jobs 2]
+[--rules project,other,rare] [--out results.csv]``
 
-For each seed, a 1,000-row sample is generated, labelled by the project's rule and by a rule the
-project never uses (``other``, the same one tests/test_train.py uses), and trained with ``custseg.train``
-(the full candidate grid, selection by cross-validated macro-F1). The selected model and the
-prototype's recipe (RandomForest(criterion='entropy'), trained on the same 80% split) are scored on an
-independent, noise-free sample of ``--eval-rows`` rows. Prints per-seed macro-F1 and the medians.
+For each draw and rule, a 1,000-row sample is generated (``seed`` = 100 + draw), labelled by the rule,
+and trained three ways on the same rows:
+
+* ``new`` — ``custseg.core.training.train`` as ``custseg train`` runs it: the class-weighted tree,
+  forests and boosted trees, 5 × 5 repeated stratified folds, one-standard-error selection;
+* ``v1`` — the recipe as it was before issue 16 (``V1_CANDIDATES``: the prototype's two forests, four
+  balanced forests, a balanced depth-6 tree and unweighted gradient boosting; one 5-fold split; the best
+  mean wins);
+* ``prototype`` — RandomForest(criterion='entropy') on the same 80% split.
+
+Each model is scored on ``--eval-rows`` independent, noise-free rows labelled by the same rule. Rules:
+
+* ``project`` — the generator's rule (``custseg.core.generator``), ~0.7% ``low_value``, training labels
+  with the generator's 0.5% label noise;
+* ``other`` — thresholds on features the project's rule never uses (purchase value and site visits for
+  ``low_value`` ~1.5%; income, online activity and age for ``high_value``);
+* ``rare`` — a ``low_value`` class under 1% (age > 64 and days since last purchase > 320 and not in the
+  loyalty programme, ~0.8%) and ``high_value`` from site visits and online activity.
+
+Prints one line per (draw, rule) as it finishes, then the median and minimum macro-F1 per rule and
+recipe, and the paired difference new − v1 (median, and its mean ± standard error over the draws).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+from sklearn.tree import DecisionTreeClassifier
 
 from custseg import schema
 from custseg.core.generator import generate
-from custseg.core.training import PROTOTYPE, build_pipeline, default_candidates, evaluate, train
+from custseg.core.training import Candidate, build_pipeline, evaluate, prototype_candidate, train
+
+TRAIN_ROWS = 1000
+FEATURES = list(schema.FEATURE_NAMES)
 
 
 def other_rule(frame: pd.DataFrame) -> np.ndarray:
@@ -29,40 +54,131 @@ def other_rule(frame: pd.DataFrame) -> np.ndarray:
     return np.where(low, "low_value", np.where(high, "high_value", "medium_value"))
 
 
+def rare_rule(frame: pd.DataFrame) -> np.ndarray:
+    low = (frame["age"] > 64) & (frame["days_since_last_purchase"] > 320) & (frame["loyalty_program"] == 0)
+    high = (frame["num_site_visits"] > 70) & (frame["online_activity_score"] > 50)
+    return np.where(low, "low_value", np.where(high, "high_value", "medium_value"))
+
+
+RULES: dict[str, Callable[[pd.DataFrame], np.ndarray] | None] = {
+    "project": None,  # the generator's own labels
+    "other": other_rule,
+    "rare": rare_rule,
+}
+
+
+def v1_candidates(seed: int) -> list[Candidate]:
+    """The candidate list at HEAD before issue 16, copied so that the benchmark can still run it."""
+
+    def rf(name: str, **params: Any) -> Candidate:
+        return Candidate(name, RandomForestClassifier(random_state=seed, n_jobs=1, **params), params)
+
+    return [
+        rf("prototype_rf_gini", criterion="gini"),
+        rf("prototype_rf_entropy", criterion="entropy"),
+        rf("rf_balanced", n_estimators=300, class_weight="balanced"),
+        rf("rf_balanced_all_features", n_estimators=300, class_weight="balanced", max_features=None),
+        rf("rf_balanced_half_features", n_estimators=300, class_weight="balanced", max_features=0.5),
+        rf(
+            "rf_balanced_subsample_depth8",
+            n_estimators=300,
+            class_weight="balanced_subsample",
+            max_features=None,
+            max_depth=8,
+        ),
+        Candidate(
+            "tree_balanced_depth6",
+            DecisionTreeClassifier(class_weight="balanced", max_depth=6, random_state=seed),
+            {"class_weight": "balanced", "max_depth": 6},
+        ),
+        Candidate(
+            "gradient_boosting",
+            GradientBoostingClassifier(random_state=seed),
+            {"n_estimators": 100, "learning_rate": 0.1},
+        ),
+    ]
+
+
+def labelled(rows: int, seed: int, rule: str, noise: float | None) -> pd.DataFrame:
+    frame = generate(rows, seed=seed) if noise is None else generate(rows, seed=seed, label_noise=noise)
+    relabel = RULES[rule]
+    if relabel is not None:
+        frame[schema.LABEL_COLUMN] = relabel(frame)
+    return frame
+
+
+def macro_f1(pipeline: Any, features: pd.DataFrame, truth: np.ndarray) -> float:
+    # macro-F1 over the classes the rule produces (all three for every rule here)
+    return evaluate(truth, pipeline.predict(features)).macro_f1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--eval-rows", type=int, default=100_000)
+    parser.add_argument("--jobs", type=int, default=2, help="folds fitted in parallel")
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--out", default=None, help="also write the per-draw figures to this CSV")
     args = parser.parse_args()
-    big = generate(args.eval_rows, seed=987_654, label_noise=0.0)
-    features = big[list(schema.FEATURE_NAMES)]
-    truth = {"project": big[schema.LABEL_COLUMN].to_numpy(), "other": other_rule(big)}
-    results: dict[str, dict[str, list[float]]] = {r: {"ours": [], "prototype": []} for r in truth}
-    print(f"{'rule':8} {'seed':>4} {'selected':30} {'ours':>7} {'prototype':>9}  fit s")
-    for rule in truth:
-        for seed in range(100, 100 + args.seeds):
-            sample = generate(1000, seed=seed)
-            if rule == "other":
-                sample[schema.LABEL_COLUMN] = other_rule(sample)
+    rules = args.rules.split(",")
+    evaluation = {rule: labelled(args.eval_rows, 987_654, rule, 0.0) for rule in rules}
+    rows: list[dict[str, Any]] = []
+    print(
+        f"{'rule':8} {'draw':>4} {'low':>4} {'new (selected)':38} {'v1 (selected)':38} {'proto':>6}  s new/v1"
+    )
+    for draw in range(args.draws):
+        for rule in rules:
+            sample = labelled(TRAIN_ROWS, 100 + draw, rule, None if rule == "project" else 0.0)
+            features, truth = evaluation[rule][FEATURES], evaluation[rule][schema.LABEL_COLUMN].to_numpy()
             started = time.perf_counter()
-            result = train(sample, seed=42)
-            fit_seconds = time.perf_counter() - started
-            recipe = next(c for c in default_candidates(42) if c.name == PROTOTYPE)
-            prototype = build_pipeline(recipe.estimator).fit(
-                result.train_frame[list(schema.FEATURE_NAMES)], result.train_frame[schema.LABEL_COLUMN]
+            new = train(sample, seed=42, n_jobs=args.jobs)
+            new_s = time.perf_counter() - started
+            started = time.perf_counter()
+            old = train(
+                sample, seed=42, candidates=v1_candidates(42), cv_repeats=1, one_se=False, n_jobs=args.jobs
             )
-            ours = evaluate(truth[rule], result.pipeline.predict(features)).macro_f1
-            theirs = evaluate(truth[rule], prototype.predict(features)).macro_f1
-            results[rule]["ours"].append(ours)
-            results[rule]["prototype"].append(theirs)
-            print(f"{rule:8} {seed:>4} {result.selected:30} {ours:7.4f} {theirs:9.4f}  {fit_seconds:5.1f}")
+            old_s = time.perf_counter() - started
+            x_train = new.train_frame[FEATURES]
+            proto = build_pipeline(prototype_candidate(42).estimator).fit(
+                x_train, new.train_frame[schema.LABEL_COLUMN]
+            )
+            row = {
+                "rule": rule,
+                "draw": draw,
+                "low_rows": int((sample[schema.LABEL_COLUMN] == "low_value").sum()),
+                "new": macro_f1(new.pipeline, features, truth),
+                "new_selected": new.selected,
+                "v1": macro_f1(old.pipeline, features, truth),
+                "v1_selected": old.selected,
+                "prototype": macro_f1(proto, features, truth),
+                "new_seconds": new_s,
+                "v1_seconds": old_s,
+            }
+            rows.append(row)
+            print(
+                f"{rule:8} {draw:>4} {row['low_rows']:>4} {row['new']:.4f} {new.selected:31} "
+                f"{row['v1']:.4f} {old.selected:31} {row['prototype']:.4f}  {new_s:.0f}/{old_s:.0f}",
+                flush=True,
+            )
+            if args.out:
+                pd.DataFrame(rows).to_csv(args.out, index=False)
+    table = pd.DataFrame(rows)
     print()
-    for rule, scores in results.items():
-        ours, theirs = statistics.median(scores["ours"]), statistics.median(scores["prototype"])
+    print(f"{'rule':8} {'recipe':10} {'median':>7} {'min':>7} {'draws':>5}")
+    for rule, part in table.groupby("rule", sort=False):
+        for recipe in ("new", "v1", "prototype"):
+            values = part[recipe].tolist()
+            print(f"{rule:8} {recipe:10} {statistics.median(values):7.4f} {min(values):7.4f} {len(values):5}")
+        diff = (part["new"] - part["v1"]).to_numpy()
+        se = float(np.std(diff, ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
         print(
-            f"{rule} rule: median macro-F1 ours {ours:.4f} (min {min(scores['ours']):.4f}), "
-            f"prototype recipe {theirs:.4f}; difference {ours - theirs:+.4f}"
+            f"{rule:8} new − v1: median {np.median(diff):+.4f}, mean {diff.mean():+.4f} ± {se:.4f} (SE); "
+            f"new better on {(diff > 0).sum()}, worse on {(diff < 0).sum()} of {len(diff)} draws"
         )
+    print(
+        f"training seconds per draw (wall, median): new {table['new_seconds'].median():.0f}, "
+        f"v1 {table['v1_seconds'].median():.0f}"
+    )
 
 
 if __name__ == "__main__":

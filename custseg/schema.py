@@ -7,6 +7,9 @@ from typing import Literal
 
 ID_COLUMN = "customer_id"
 LABEL_COLUMN = "customer_segment"
+"""The **true** segment: training data, feedback, and a monitoring window's feedback column."""
+PREDICTED_COLUMN = "segment"
+"""The **predicted** segment: batch output, the prediction log, a monitoring window (docs/concepts.md)."""
 LABELS: tuple[str, ...] = ("high_value", "low_value", "medium_value")
 """Segments in the (sorted) order the models use for probability columns."""
 

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     cv_folds: int = 5
     """Stratified cross-validation folds on the training part (reduced to no fewer than 3)."""
 
+    cv_repeats: int = Field(default=5, ge=1)
+    """Repeats of the cross-validation split, each a fresh seeded shuffle: every candidate, and the quality
+    gate's paired comparison, is scored on ``cv_repeats × cv_folds`` folds. Fewer repeats train faster and
+    rank candidates less reliably on tiny classes."""
+
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Accepted API keys, comma-separated; empty disables authentication (loopback only)."""
 
@@ -175,6 +180,16 @@ class Settings(BaseSettings):
     """`custseg monitor` flags a feature whose share of the total importance (mean |contribution| to the
     predicted segment, exact Tree SHAP) moved by at least this much between the training reference and
     the current window (0.05 = five percentage points)."""
+
+    # -- web app: the Upload page (issue 14) ------------------------------------------------------
+
+    ui_upload_max_mb: int = Field(default=200, ge=1)
+    """Largest file the web app's Upload page accepts, in MiB (streamed to ``<home>/uploads``, never held
+    in memory; a bigger one is refused with 413). Uploads are exempt from ``max_body_bytes``."""
+
+    ui_upload_ttl_minutes: float = Field(default=60.0, gt=0)
+    """How long the Upload page keeps a scored file and its rejects for download, in minutes; then they
+    are deleted."""
 
     @field_validator(
         "api_keys",

@@ -31,6 +31,8 @@ def _configure(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow draws a tqdm bar for every artifact download (the registry round trips after training)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     # MLflow attributes these to the caller's module, so the module filter above misses them.
     for message in ("Add type hints to the `predict`", "The specified dataset source", "Hint: Inferred"):

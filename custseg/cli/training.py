@@ -25,10 +25,10 @@ from custseg.settings import Settings
 def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled customers (.csv or .parquet).")],
 ) -> None:
-    """Validate DATA, select a model by cross-validated macro-F1, log it to MLflow and register it.
+    """Validate DATA, select a model by repeated cross-validated macro-F1, log it to MLflow and register it.
 
     The new version becomes [bold]champion[/] only if it beats the current champion on the same
-    held-out rows; otherwise it becomes [bold]challenger[/].
+    cross-validation folds (paired); otherwise it becomes [bold]challenger[/].
     """
     from custseg.io.tables import load_dataset
     from custseg.workflows.train import train_and_register
@@ -54,19 +54,24 @@ def train(
             frame, settings, data_source=str(data), on_progress=on_progress
         )
 
-    cv = Table(title=f"candidates ({result.cv_folds}-fold stratified CV on {len(result.train_frame)} rows)")
-    for column in ("rank", "candidate", "macro-F1", "± std", "balanced acc.", "accuracy"):
+    cv = Table(
+        title=f"candidates ({result.cv_repeats} × {result.cv_folds}-fold stratified CV on "
+        f"{len(result.train_frame)} rows; rank 1 is selected)"
+    )
+    for column in ("rank", "candidate", "macro-F1", "± SE", "± std", "balanced acc.", "fit s"):
         cv.add_column(column, justify="left" if column == "candidate" else "right")
     for row in result.cv_table.itertuples():
         cv.add_row(
             str(row.rank),
             row.candidate,
             f"{row.cv_macro_f1_mean:.4f}",
+            f"{row.cv_macro_f1_se:.4f}",
             f"{row.cv_macro_f1_std:.4f}",
             f"{row.cv_balanced_accuracy:.4f}",
-            f"{row.cv_accuracy:.4f}",
+            f"{row.fit_seconds:.2f}",
         )
     console.print(cv)
+    console.print(f"selected {result.selected}: {escape(result.selection_reason)}", highlight=False)
 
     held = Table(title=f"held-out evaluation ({len(result.test_frame)} rows, stratified 20%)")
     held.add_column("metric")
@@ -84,13 +89,17 @@ def train(
     console.print(result.holdout.report)
 
     decision = registration.decision
+    meta = registration.bundle_meta
     onnx = (
         "ONNX Runtime"
-        if registration.bundle_meta["onnx"]
+        if meta["onnx"]
+        else "custseg's compiled tree kernel on every path: API, batch, Spark, Azure, MLflow pyfunc "
+        "(ONNX cannot represent this model)"
+        if meta.get("forest")
         else "[red]scikit-learn (ONNX export or parity failed)[/]"
     )
     console.print(f"logged run {registration.run_id} (experiment {registration.experiment_id})")
-    batch = "; batches by the compiled forest" if registration.bundle_meta.get("forest") else ""
+    batch = "; batches by the compiled tree kernel" if meta["onnx"] and meta.get("forest") else ""
     console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}{batch}")
     console.print(explainer_summary(registration.bundle_meta.get("explainer") or {}), highlight=False)
     colour = "green" if decision.alias == "champion" else "yellow"
@@ -145,8 +154,8 @@ def promote(version: Annotated[str, typer.Argument(help="Model version to make c
 def retrain(
     data: Annotated[Path, typer.Option("--data", "-d", help="New labelled customers (.csv or .parquet).")],
 ) -> None:
-    """Train a challenger on DATA, score it and the champion on the same held-out rows, and promote the
-    challenger only if its macro-F1 is higher. Decision and both scores are recorded in MLflow."""
+    """Train a challenger on DATA, score it and the champion on the same cross-validation folds, and
+    promote the challenger only if its mean macro-F1 is higher (paired). Decision and scores go to MLflow."""
     from custseg.io.tables import load_dataset
     from custseg.workflows.retrain import retrain as retrain_model
 
@@ -156,8 +165,8 @@ def retrain(
     with console.status("training the challenger (cross-validated model selection)"):
         outcome = retrain_model(frame, settings, data_source=str(data))
     reg = outcome.registration
-    rows = len(outcome.result.test_frame)
-    table = Table(title=f"champion vs challenger on the same {rows} held-out rows of {data.name}")
+    folds = len(outcome.result.folds)
+    table = Table(title=f"champion vs challenger: mean macro-F1 on the same {folds} folds of {data.name}")
     table.add_column("model")
     table.add_column("version", justify="right")
     table.add_column("macro-F1", justify="right")

@@ -305,15 +305,18 @@ def drift_report(
 # --------------------------------------------------------------------------------------------------
 
 
-def realised_performance(window: pd.DataFrame, true_column: str = "true_segment") -> dict[str, float]:
-    """Accuracy, macro-F1 and per-class recall over the rows that have a true segment."""
+def realised_performance(window: pd.DataFrame, true_column: str = schema.LABEL_COLUMN) -> dict[str, float]:
+    """Accuracy, macro-F1 and per-class recall over the rows that have a true segment (``true_column``,
+    ``customer_segment``), the predicted one being in ``segment`` (docs/concepts.md, "One name per
+    concept")."""
     from custseg.core.training import evaluate
 
     labelled = window[window[true_column].notna()] if true_column in window else window.iloc[:0]
     out: dict[str, float] = {"n_feedback": float(len(labelled))}
     if len(labelled) == 0:
         return out
-    metrics = evaluate(labelled[true_column].astype(str).to_numpy(), labelled["label"].astype(str).to_numpy())
+    predicted = labelled[schema.PREDICTED_COLUMN].astype(str).to_numpy()
+    metrics = evaluate(labelled[true_column].astype(str).to_numpy(), predicted)
     out.update(
         {
             "accuracy": metrics.metrics["accuracy"],
@@ -324,7 +327,7 @@ def realised_performance(window: pd.DataFrame, true_column: str = "true_segment"
     return out
 
 
-def daily_performance(window: pd.DataFrame, true_column: str = "true_segment") -> pd.DataFrame:
+def daily_performance(window: pd.DataFrame, true_column: str = schema.LABEL_COLUMN) -> pd.DataFrame:
     """``realised_performance`` per UTC day of the prediction timestamp (days with feedback only)."""
     columns = ["day", "n_feedback", "accuracy", "macro_f1", *[f"recall_{label}" for label in schema.LABELS]]
     if true_column not in window or window[true_column].notna().sum() == 0:

@@ -1,7 +1,9 @@
-"""Training: one sklearn Pipeline per candidate, selection by cross-validated macro-F1, honest evaluation.
+"""Training: one sklearn Pipeline per candidate, selection by repeated cross-validated macro-F1, honest
+evaluation.
 
 Pure core: takes a validated DataFrame, returns a `TrainingResult`; logging and registering it is
-`custseg.workflows.train`'s job.
+`custseg.workflows.train`'s job. The statistics of selection (repeated folds, the one-standard-error
+rule, paired comparisons) are in `custseg.core.selection`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import ClassifierMixin, clone
 from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -24,12 +26,22 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
 )
-from sklearn.model_selection import StratifiedKFold, cross_validate, train_test_split
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder
 from sklearn.tree import DecisionTreeClassifier
 
 from custseg import schema
+from custseg.core.selection import (
+    Fold,
+    Selection,
+    rank_table,
+    repeated_folds,
+    score_candidates,
+    select,
+    simplicity,
+    summarise,
+)
 from custseg.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 TEST_SIZE = 0.2
 MIN_CV_FOLDS = 3
+CV_REPEATS = 5
+"""Repeats of the k-fold split (each a fresh stratified shuffle): 5 × 5 = 25 scores per candidate."""
 PROTOTYPE = "prototype_rf_entropy"
 """The prototype's final recipe: RandomForest(criterion='entropy'), default settings, one-hot gender."""
 
@@ -50,15 +64,38 @@ class Candidate:
     params: dict[str, Any]
 
 
+BOOSTING_DEFAULTS: dict[str, Any] = {
+    "class_weight": "balanced",
+    "max_iter": 500,
+    "early_stopping": True,
+    "validation_fraction": 0.1,
+    "n_iter_no_change": 50,
+}
+"""Shared by the boosted candidates: up to 500 iterations, stopped inside each fit (and so inside each
+fold) when the loss on 10% of that fit's own training rows has not improved for 50 iterations."""
+
+
 def default_candidates(seed: int) -> list[Candidate]:
-    """The prototype's two forests, then settings suited to rare classes."""
+    """A balanced tree, four class-weighted forests and three class-weighted boosted-tree settings.
+
+    Every candidate weights classes inversely to their frequency: with ~7 ``low_value`` rows in 1,000, an
+    unweighted model can ignore the class and still look accurate (the prototype's forests do). Why each
+    is there: docs/guides/training.md#candidates.
+    """
 
     def rf(name: str, **params: Any) -> Candidate:
         return Candidate(name, RandomForestClassifier(random_state=seed, n_jobs=1, **params), params)
 
+    def hgb(name: str, **params: Any) -> Candidate:
+        settings = {**BOOSTING_DEFAULTS, **params}
+        return Candidate(name, HistGradientBoostingClassifier(random_state=seed, **settings), settings)
+
     return [
-        rf("prototype_rf_gini", criterion="gini"),
-        rf(PROTOTYPE, criterion="entropy"),
+        Candidate(
+            "tree_balanced_depth6",
+            DecisionTreeClassifier(class_weight="balanced", max_depth=6, random_state=seed),
+            {"class_weight": "balanced", "max_depth": 6},
+        ),
         rf("rf_balanced", n_estimators=300, class_weight="balanced"),
         rf("rf_balanced_all_features", n_estimators=300, class_weight="balanced", max_features=None),
         rf("rf_balanced_half_features", n_estimators=300, class_weight="balanced", max_features=0.5),
@@ -69,17 +106,19 @@ def default_candidates(seed: int) -> list[Candidate]:
             max_features=None,
             max_depth=8,
         ),
-        Candidate(
-            "tree_balanced_depth6",
-            DecisionTreeClassifier(class_weight="balanced", max_depth=6, random_state=seed),
-            {"class_weight": "balanced", "max_depth": 6},
-        ),
-        Candidate(
-            "gradient_boosting",
-            GradientBoostingClassifier(random_state=seed),
-            {"n_estimators": 100, "learning_rate": 0.1},
-        ),
+        hgb("hgb_balanced_depth3", max_depth=3, learning_rate=0.1),
+        hgb("hgb_balanced_leaves7", max_leaf_nodes=7, learning_rate=0.1, min_samples_leaf=5),
+        hgb("hgb_balanced_leaves15_slow", max_leaf_nodes=15, learning_rate=0.05),
     ]
+
+
+def prototype_candidate(seed: int) -> Candidate:
+    """The prototype's final recipe, trained beside the selected model for comparison (not a candidate)."""
+    return Candidate(
+        PROTOTYPE,
+        RandomForestClassifier(criterion="entropy", random_state=seed, n_jobs=1),
+        {"criterion": "entropy"},
+    )
 
 
 def build_pipeline(estimator: ClassifierMixin) -> Pipeline:
@@ -110,6 +149,10 @@ class Evaluation:
 
 @dataclass
 class TrainingResult:
+    """``cv_table``: one row per candidate, rank 1 = selected; ``fold_scores``: one row per (candidate,
+    fold); ``folds``: the row positions in ``train_frame`` of every fold, the same for every candidate
+    (the quality gate scores the champion on them)."""
+
     pipeline: Pipeline
     selected: str
     selected_params: dict[str, Any]
@@ -121,6 +164,16 @@ class TrainingResult:
     cv_folds: int
     seed: int
     feature_importances: dict[str, float] = field(default_factory=dict)
+    cv_repeats: int = 1
+    fold_scores: pd.DataFrame = field(default_factory=pd.DataFrame)
+    folds: list[Fold] = field(default_factory=list)
+    selection_reason: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def selected_fold_scores(self, metric: str = "macro_f1") -> np.ndarray:
+        """The selected candidate's score on each fold, in fold order."""
+        rows = self.fold_scores[self.fold_scores["candidate"] == self.selected].sort_values("fold")
+        return rows[metric].to_numpy(dtype=float)
 
 
 def evaluate(
@@ -178,68 +231,62 @@ def train(
     *,
     seed: int = 42,
     cv_folds: int = 5,
+    cv_repeats: int = CV_REPEATS,
     candidates: list[Candidate] | None = None,
+    one_se: bool = True,
+    n_jobs: int = 1,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> TrainingResult:
-    """Split 80/20 stratified, cross-validate every candidate, refit the best on the training part.
+    """Split 80/20 stratified, score every candidate on the same repeated stratified folds of the 80%,
+    select (best mean macro-F1, or the simplest within one standard error of it when ``one_se``), refit
+    the selected candidate on the whole 80% and evaluate it once on the 20%.
 
-    ``on_progress(candidate_name, done, total)`` is called after each candidate.
+    ``n_jobs`` folds are fitted in parallel (joblib). ``on_progress(candidate_name, done, total)`` is
+    called after each candidate.
     """
     folds = check_trainable(frame, cv_folds)
     candidates = candidates or default_candidates(seed)
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be unique: {names}")
     features = list(schema.FEATURE_NAMES)
     train_frame, test_frame = train_test_split(
         frame, test_size=TEST_SIZE, stratify=frame[schema.LABEL_COLUMN], random_state=seed
     )
     x_train, y_train = train_frame[features], train_frame[schema.LABEL_COLUMN].to_numpy()
     x_test, y_test = test_frame[features], test_frame[schema.LABEL_COLUMN].to_numpy()
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = repeated_folds(y_train, n_splits=folds, repeats=cv_repeats, seed=seed)
 
-    rows = []
-    for done, candidate in enumerate(candidates, start=1):
-        scores = cross_validate(
-            build_pipeline(candidate.estimator),
-            x_train,
-            y_train,
-            cv=splitter,
-            scoring={
-                "macro_f1": "f1_macro",
-                "balanced_accuracy": "balanced_accuracy",
-                "accuracy": "accuracy",
-            },
-            n_jobs=1,
-        )
-        rows.append(
-            {
-                "candidate": candidate.name,
-                "cv_macro_f1_mean": float(np.mean(scores["test_macro_f1"])),
-                "cv_macro_f1_std": float(np.std(scores["test_macro_f1"])),
-                "cv_balanced_accuracy": float(np.mean(scores["test_balanced_accuracy"])),
-                "cv_accuracy": float(np.mean(scores["test_accuracy"])),
-                "fit_seconds": float(np.mean(scores["fit_time"])),
-                "params": repr(candidate.params),
-            }
-        )
-        if on_progress:
-            on_progress(candidate.name, done, len(candidates))
-
-    # Stable order: best mean macro-F1 first; ties go to the earlier (simpler) candidate.
-    cv_table = pd.DataFrame(rows)
-    cv_table["rank"] = cv_table["cv_macro_f1_mean"].rank(ascending=False, method="first").astype(int)
-    cv_table = cv_table.sort_values("rank").reset_index(drop=True)
-    best_name = str(cv_table.loc[0, "candidate"])
-    best = next(c for c in candidates if c.name == best_name)
-    logger.info("selected %s (cv macro-F1 %.4f)", best_name, cv_table.loc[0, "cv_macro_f1_mean"])
+    fold_table = score_candidates(
+        [(c.name, build_pipeline(c.estimator)) for c in candidates],
+        x_train,
+        y_train,
+        splits,
+        n_splits=folds,
+        n_jobs=n_jobs,
+        on_progress=on_progress,
+    )
+    summary = summarise(fold_table, names)
+    summary["params"] = [repr(c.params) for c in candidates]
+    keys = {c.name: simplicity(c.estimator) for c in candidates}
+    if one_se:
+        selection = select(fold_table, summary, keys)
+    else:  # today's rule before repeated folds: the best mean, ties to the earlier candidate
+        ranked = summary.sort_values("cv_macro_f1_mean", ascending=False, kind="stable")
+        top = str(ranked.iloc[0]["candidate"])
+        selection = Selection(top, top, "best mean macro-F1")
+    cv_table = rank_table(summary, selection)
+    best = next(c for c in candidates if c.name == selection.selected)
+    logger.info("selected %s: %s", selection.selected, selection.reason)
 
     pipeline = build_pipeline(best.estimator).fit(x_train, y_train)
     holdout = evaluate(y_test, pipeline.predict(x_test))
-    proto_spec = next(c for c in default_candidates(seed) if c.name == PROTOTYPE)
-    proto = build_pipeline(proto_spec.estimator).fit(x_train, y_train)
+    proto = build_pipeline(prototype_candidate(seed).estimator).fit(x_train, y_train)
     prototype = evaluate(y_test, proto.predict(x_test))
 
     return TrainingResult(
         pipeline=pipeline,
-        selected=best_name,
+        selected=selection.selected,
         selected_params=best.params,
         cv_table=cv_table,
         holdout=holdout,
@@ -249,6 +296,11 @@ def train(
         cv_folds=folds,
         seed=seed,
         feature_importances=feature_importances(pipeline),
+        cv_repeats=cv_repeats,
+        fold_scores=fold_table,
+        folds=splits,
+        selection_reason=selection.reason,
+        candidates=list(candidates),
     )
 
 

@@ -140,7 +140,10 @@ class PredictionLog:
             companion.start()
 
     def submit(self, entries: list[dict[str, Any]]) -> None:
-        """Queue entries for writing; never blocks on the database. Drops (and counts) beyond the bound."""
+        """Queue entries for writing; never blocks on the database. Drops (and counts) beyond the bound.
+        An entry holds ``request_id``, ``ts``, ``model_name``, ``model_version``, ``customer_id``,
+        ``features``, the predicted ``segment`` (``label``, its older name, is accepted too),
+        ``probabilities``, ``latency_ms`` and optionally ``row_index``, ``client_request_id``, ``reasons``."""
         self.writer.submit(entries)
 
     def submit_scored(
@@ -159,11 +162,12 @@ class PredictionLog:
         reasons: Sequence[Any] | None = None,
     ) -> None:
         """Queue one answered request as it is (records with the feature attributes and ``customer_id``,
-        the label array and the probability matrix whose columns follow ``classes``): the cheap hand-off
-        for the API. ``request_id`` is the server's own id (the key); ``client_request_id`` the
-        client's X-Request-ID, kept beside it; ``reasons`` (one explanation per record, when the request
-        asked for them) become the rows' ``reasons`` text. The writer thread builds the rows (and shows
-        them to the companions); same bound, drop counting and guarantees as :meth:`submit`."""
+        the predicted segments ``labels`` and the probability matrix whose columns follow ``classes``):
+        the cheap hand-off for the API. ``request_id`` is the server's own id (the key);
+        ``client_request_id`` the client's X-Request-ID, kept beside it; ``reasons`` (one explanation per
+        record, when the request asked for them) become the rows' ``reasons`` text. The writer thread
+        builds the rows (and shows them to the companions); same bound, drop counting and guarantees as
+        :meth:`submit`."""
         self.writer.submit_scored(
             (
                 request_id,
@@ -305,7 +309,8 @@ class PredictionLog:
     ) -> pd.DataFrame:
         """Logged predictions with ``since <= ts < until`` (epoch seconds), oldest first, with the
         latest true segment from feedback (by request id and row, else by customer id) in
-        ``true_segment`` (``labelled_only``: only rows that have one). ``limit`` keeps the oldest rows,
+        ``customer_segment`` (``labelled_only``: only rows that have one); the predicted segment is in
+        ``segment`` (docs/concepts.md, "One name per concept"). ``limit`` keeps the oldest rows,
         or the most recent ones with ``newest``."""
         return self.store.call(
             "read", lambda: self.store.window(since, until, model_version, labelled_only, limit, newest)

@@ -16,11 +16,16 @@ from typing import Any
 
 from custseg import schema
 from custseg.errors import DataValidationError, Problem
-from custseg.predlog.tables import PROBA_PREFIX
+from custseg.predlog.tables import FEEDBACK_COLUMN, PREDICTED_COLUMN, PROBA_PREFIX
+
+LEGACY_PREDICTED_KEY = "label"
+"""The predicted segment's key in entries and spooled rows written before it was named ``segment``
+(still read, so that older callers and spool files keep working)."""
 
 
 def entries_to_rows(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """API entries as table rows; rows of one request get row_index 0, 1, ... unless they carry one."""
+    """API entries as table rows; rows of one request get row_index 0, 1, ... unless they carry one.
+    The predicted segment is ``segment`` (``label``, its older name, is read too)."""
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for entry in entries:
@@ -39,7 +44,7 @@ def entries_to_rows(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
             "model_name": str(entry.get("model_name", "")),
             "model_version": str(entry.get("model_version", "")),
             "customer_id": None if customer is None else str(customer),
-            "label": str(entry["label"]),
+            PREDICTED_COLUMN: str(_predicted(entry)),
             "latency_ms": None if entry.get("latency_ms") is None else float(entry["latency_ms"]),
             "client_request_id": _optional_text(entry.get("client_request_id")),
             "reasons": reasons_text(entry.get("reasons")),
@@ -135,7 +140,7 @@ def row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
             "model_version": r[4],
             "customer_id": r[5],
             "features": dict(zip(names, r[6 : 6 + nf], strict=True)),
-            "label": r[6 + nf],
+            PREDICTED_COLUMN: r[6 + nf],
             "probabilities": {k: v for k, v in zip(labels, r[7 + nf : -3], strict=True) if v is not None},
             "latency_ms": r[-3],
             "client_request_id": r[-2],
@@ -143,6 +148,12 @@ def row_entries(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
+
+
+def _predicted(entry: Mapping[str, Any]) -> Any:
+    if PREDICTED_COLUMN in entry or LEGACY_PREDICTED_KEY not in entry:
+        return entry[PREDICTED_COLUMN]
+    return entry[LEGACY_PREDICTED_KEY]
 
 
 def _optional_text(value: Any) -> str | None:
@@ -167,7 +178,9 @@ def feedback_rows(records: Sequence[Mapping[str, Any]], now: float, source: str)
         if segment not in schema.LABELS:
             problems.append(
                 Problem(
-                    f"{segment!r} is not a segment (one of {', '.join(schema.LABELS)})", i, "customer_segment"
+                    f"{segment!r} is not a segment (one of {', '.join(schema.LABELS)})",
+                    i,
+                    schema.LABEL_COLUMN,
                 )
             )
             continue
@@ -188,7 +201,7 @@ def feedback_rows(records: Sequence[Mapping[str, Any]], now: float, source: str)
             rows.append(
                 {"feedback_key": key, "request_id": None, "row_index": None, "customer_id": customer_id}
             )
-        rows[-1].update({"customer_segment": segment, "ts": now, "source": source[:128]})
+        rows[-1].update({FEEDBACK_COLUMN: segment, "ts": now, "source": source[:128]})
     if problems:
         raise DataValidationError(problems, source="feedback")
     return rows

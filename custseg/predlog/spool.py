@@ -5,7 +5,8 @@ The spool is a folder of append-only JSONL segment files, one JSON object per ro
 append. A process holds an exclusive ``flock`` on the segment it appends to, so several workers can share
 one folder: a replayer skips locked segments (another live process is writing them) and deletes a segment
 only after every row of it was stored. Replaying is idempotent because the database's unique key
-``(request_id, row_index)`` ignores rows it already holds.
+``(request_id, row_index)`` ignores rows it already holds. Rows spooled before a column was renamed
+(``label``, now ``segment``: :data:`~custseg.predlog.tables.RENAMED_COLUMNS`) are read under the new name.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from custseg.predlog.tables import RENAMED_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +39,16 @@ class DatabaseHung(TimeoutError):
 class BoundedCalls:
     """Runs database calls in helper threads so that a database that neither answers nor fails costs
     the caller at most ``timeout`` seconds. An abandoned call keeps its thread until the database
-    answers; at most ``limit`` such calls exist at once (then new calls fail at once)."""
+    answers; at most ``limit`` such calls exist at once (then new calls fail at once).
+
+    The helper threads are kept and reused (at most ``limit`` of them): starting a thread for every
+    write cost more than a small batch's insert."""
 
     def __init__(self, limit: int, *, name: str) -> None:
         self._slots = threading.BoundedSemaphore(limit)
         self._name = name
+        self._idle: list[_Helper] = []
+        self._idle_lock = threading.Lock()
 
     def run(self, fn: Callable[[], T], timeout: float, *, wait_for_slot: float = 0.0) -> T:
         if wait_for_slot > 0:
@@ -48,24 +57,65 @@ class BoundedCalls:
             acquired = self._slots.acquire(blocking=False)
         if not acquired:
             raise DatabaseHung("earlier database calls are still waiting for an answer")
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["result"] = fn()
-            except BaseException as exc:  # handed to the caller below
-                box["error"] = exc
-            finally:
-                self._slots.release()
-
-        thread = threading.Thread(target=target, name=self._name, daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if thread.is_alive():
+        call = _Call(fn)
+        try:
+            with self._idle_lock:
+                helper = self._idle.pop() if self._idle else None
+            if helper is None:
+                helper = _Helper(self)
+            helper.calls.put(call)
+        except BaseException:
+            self._slots.release()
+            raise
+        if not call.done.wait(timeout):
             raise DatabaseHung(f"no answer from the database within {timeout:g} s")
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _finished(self, helper: _Helper) -> None:
+        """A helper's call is over: it waits for the next one, and its slot is free again."""
+        with self._idle_lock:
+            self._idle.append(helper)
+        self._slots.release()
+
+
+class _Call:
+    """One database call handed to a helper thread, and its outcome."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class _Helper:
+    """A daemon thread that runs the calls handed to it, one at a time."""
+
+    def __init__(self, owner: BoundedCalls) -> None:
+        self.owner = owner
+        self.calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=owner._name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            call = self.calls.get()
+            try:
+                call.result = call.fn()
+            except BaseException as exc:  # handed to the caller
+                call.error = exc
+            call.fn = _done  # drop the closure (and the rows it holds) now
+            # Back among the idle helpers and the slot released before the caller wakes up, so that
+            # its next call finds both (a caller that gave up has stopped waiting already).
+            self.owner._finished(self)
+            call.done.set()
+
+
+def _done() -> None:
+    return None
 
 
 class Spool:
@@ -76,6 +126,8 @@ class Spool:
     ) -> None:
         self.folder = folder
         self.columns = list(columns)
+        # Spool files outlive upgrades: a row spooled under a column's old name still replays.
+        self._renamed = [(old, new) for old, new in RENAMED_COLUMNS if new in self.columns]
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.spooled = 0  # rows appended (and fsync'ed)
@@ -186,6 +238,9 @@ class Spool:
             except ValueError:
                 self.corrupt += 1  # a torn last line: written when the process was killed
                 continue
+            for old, new in self._renamed:
+                if old in data and new not in data:
+                    data[new] = data.pop(old)
             rows.append(tuple(data.get(c) for c in self.columns))
         return rows
 

@@ -29,7 +29,7 @@ from custseg.errors import ConfigurationError
 from custseg.predlog.errors import PredictionLogError, UnknownFeedbackError
 from custseg.predlog.rows import chunks
 from custseg.predlog.spool import BoundedCalls, DatabaseHung
-from custseg.predlog.tables import PROBA_PREFIX, TRUE_COLUMN, build_tables, ensure_schema
+from custseg.predlog.tables import FEEDBACK_COLUMN, PROBA_PREFIX, TRUE_COLUMN, build_tables, ensure_schema
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class PredictionStore:
             duplicates: list[str] = []
             corrected = 0
             for row in rows:
-                key, segment = row["feedback_key"], row["customer_segment"]
+                key, segment = row["feedback_key"], row[FEEDBACK_COLUMN]
                 if latest.get(key) == segment:
                     duplicates.append(key)
                     continue
@@ -217,7 +217,7 @@ class PredictionStore:
                 .group_by(fb.c.feedback_key)
             )
             found = conn.execute(
-                sa.select(fb.c.feedback_key, fb.c.customer_segment).where(fb.c.id.in_(newest))
+                sa.select(fb.c.feedback_key, fb.c[FEEDBACK_COLUMN]).where(fb.c.id.in_(newest))
             )
             latest.update((str(k), str(v)) for k, v in found)
         return latest
@@ -251,7 +251,7 @@ class PredictionStore:
         """Logged predictions with the latest true segment from feedback (see ``PredictionLog.window``)."""
         self.ensure_schema()
         p, fb = self.predictions, self.feedback
-        latest = sa.select(fb.c.request_id, fb.c.row_index, fb.c.customer_id, fb.c.customer_segment).where(
+        latest = sa.select(fb.c.request_id, fb.c.row_index, fb.c.customer_id, fb.c[FEEDBACK_COLUMN]).where(
             fb.c.id.in_(sa.select(sa.func.max(fb.c.id)).group_by(fb.c.feedback_key))
         )
         by_request = latest.where(fb.c.request_id.is_not(None)).subquery("fb_request")
@@ -262,7 +262,7 @@ class PredictionStore:
         ).outerjoin(by_customer, by_customer.c.customer_id == p.c.customer_id)
         query = sa.select(
             *[c for c in p.c if c.name != "id"],
-            sa.func.coalesce(by_request.c.customer_segment, by_customer.c.customer_segment).label(
+            sa.func.coalesce(by_request.c[FEEDBACK_COLUMN], by_customer.c[FEEDBACK_COLUMN]).label(
                 TRUE_COLUMN
             ),
         ).select_from(joined)
@@ -275,7 +275,7 @@ class PredictionStore:
         if labelled_only:
             query = query.where(
                 sa.or_(
-                    by_request.c.customer_segment.is_not(None), by_customer.c.customer_segment.is_not(None)
+                    by_request.c[FEEDBACK_COLUMN].is_not(None), by_customer.c[FEEDBACK_COLUMN].is_not(None)
                 )
             )
         query = query.order_by(p.c.ts.desc(), p.c.id.desc()) if newest else query.order_by(p.c.ts, p.c.id)

@@ -11,6 +11,8 @@ alias moved, a version added or deleted) changes the stamp, and the next run ask
 Only a local SQLite registry (the embedded store, or a ``sqlite:///`` tracking URI) can be stamped; with
 a tracking server or another database every run resolves through MLflow and only the download is saved.
 The stamp is taken before MLflow is asked, so a change made while resolving is seen by the next run.
+For the embedded store even a miss needs no MLflow (`resolve_locally`): the version is read from the
+SQLite file and its bundle copied from the local artifact folder, then verified like a download.
 
 A cached bundle is used only when its files match the checksums the registry recorded for its version
 (read straight from the registry's SQLite database, without MLflow); otherwise it is removed and fetched
@@ -266,6 +268,83 @@ def resolve_and_store(settings: Settings, uri: str) -> CachedModel:
     return store(settings, uri, ref.name, ref.version, download, stamp, digests)
 
 
+def resolve_locally(settings: Settings, uri: str) -> CachedModel | None:
+    """`resolve_and_store` without MLflow, for the embedded store: the version ``uri`` names and the
+    folder of its artifacts are read from the registry's SQLite file (read-only, the rows MLflow would
+    read), and the bundle's recorded files are copied from under the artifact root into the cache and
+    verified against the recorded checksums like any download.
+
+    None, and MLflow does it instead, whenever anything is not as expected: a registry that is not the
+    embedded store, a URI other than ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, no such
+    version, artifacts outside ``<home>/mlartifacts``, a version without checksums, a copy that fails
+    them. MLflow's import and store set-up cost a few seconds; this costs the copy.
+    """
+    stamp = registry_stamp(settings)  # before reading, as in resolve_and_store
+    if stamp is None or settings.tracking_uri is not None:
+        return None
+    try:
+        name, version, source = _local_version(settings, uri)
+        digests = registry_digests(settings, name, version)
+        if digests is None:  # an unverified legacy version: MLflow's path says so loudly
+            return None
+
+        def copy(into: Path) -> Path:
+            return _copy_bundle(source, into, digests)
+
+        return store(settings, uri, name, version, copy, stamp, digests)
+    except (LookupError, BundleVerificationError, ModelLoadError, OSError, sqlite3.Error, ValueError) as exc:
+        logger.info("resolving %s through MLflow (%s)", uri, exc)
+        return None
+
+
+def _local_version(settings: Settings, uri: str) -> tuple[str, str, Path]:
+    """(name, version, bundle folder) of ``uri`` in the embedded registry; LookupError when not there."""
+    spec = uri.removeprefix("models:/") if uri.startswith("models:/") else None
+    if spec is None:
+        raise LookupError(f"{uri} is not a models:/ URI")
+    database = sqlite_path(settings.effective_tracking_uri)
+    if database is None:
+        raise LookupError("the registry is not a local SQLite file")
+    with contextlib.closing(
+        sqlite3.connect(f"file:{quote(str(database))}?mode=ro", uri=True, timeout=5)
+    ) as connection:
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            rows = connection.execute(
+                "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, alias)
+            ).fetchall()
+        else:
+            name, _, number = spec.partition("/")
+            rows = [(number,)] if _VERSION.fullmatch(number) else []
+        if len(rows) != 1:
+            raise LookupError(f"{uri}: {len(rows)} matching versions")
+        version = str(rows[0][0])
+        found = connection.execute(
+            "SELECT storage_location FROM model_versions WHERE name = ? AND version = ? AND status = 'READY' "
+            "AND current_stage != 'Deleted_Internal'",  # as MLflow's SqlAlchemyStore reads a version
+            (name, int(version)),
+        ).fetchall()
+    if len(found) != 1 or not isinstance(found[0][0], str) or not found[0][0].startswith("file://"):
+        raise LookupError(f"{name} version {version} has no local artifact folder")
+    artifacts = Path(unquote(found[0][0].removeprefix("file://"))).resolve()
+    if not artifacts.is_relative_to(settings.artifact_root.resolve()):
+        raise LookupError(f"{name} version {version}'s artifacts are outside {settings.artifact_root}")
+    return name, version, artifacts / "artifacts" / "bundle"
+
+
+def _copy_bundle(source: Path, into: Path, digests: Mapping[str, str]) -> Path:
+    """Copy the recorded files of a bundle folder (regular files only, no links) into ``into/bundle``."""
+    folder = into / "bundle"
+    for relative in digests:
+        path = source / relative
+        if ".." in Path(relative).parts or path.is_symlink() or not path.is_file():
+            raise BundleVerificationError(f"{relative} is not a regular file of the bundle in {source}")
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return folder
+
+
 def refresh_champion(settings: Settings) -> None:
     """Called by the commands that change the registry (train, retrain, promote): remember the champion
     now, while MLflow is loaded anyway, so the next `custseg score` need not. Never fails the caller.
@@ -298,6 +377,6 @@ def load_batch_scorer(settings: Settings, model_uri: str | None = None) -> tuple
         except Exception as exc:  # any failure of a cached copy (disk trouble, a hand edit): fetch again
             logger.warning("cached bundle %s failed to load (%s); downloading it again", cached.folder, exc)
             remove_cached(settings, cached.folder)
-    cached = resolve_and_store(settings, uri)
+    cached = resolve_locally(settings, uri) or resolve_and_store(settings, uri)
     logger.info("model %s version %s from registry", cached.name, cached.version)
     return Scorer.from_bundle(cached.folder, compiled=True, allow_pipeline=allow_pipeline), cached

@@ -29,7 +29,8 @@ from custseg.settings import Settings
 
 
 class CustomerSegmentModel(PythonModel):
-    """Scores through the same `Scorer` as the API and batch (ONNX Runtime, sklearn fallback)."""
+    """Scores through the same `Scorer` as the API and batch (ONNX Runtime; the compiled tree kernel for
+    models without an ONNX graph, such as HistGradientBoosting; sklearn fallback)."""
 
     scorer: Scorer
 

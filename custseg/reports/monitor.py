@@ -17,6 +17,7 @@ import pandas as pd
 
 if TYPE_CHECKING:
     pass
+from custseg import schema
 from custseg.core.drift import PREDICTION, _is_discrete
 
 
@@ -68,7 +69,7 @@ def html_report(report: Mapping[str, Any], reference: pd.DataFrame, current: pd.
             f"{_num(result.get('effect'))} {html.escape(str(result.get('effect_name', '')))}",
         ]
         plot = ""
-        column = "label" if name == PREDICTION else name
+        column = schema.PREDICTED_COLUMN if name == PREDICTION else name
         if status not in ("insufficient", "not_available") and column in current and len(current):
             ref_col = reference.get(name)
             if name == PREDICTION:

@@ -1,9 +1,12 @@
 """Writing a model bundle at training time: ONNX export, parity checks, the compiled forest, bundle.json.
 
 ``write_bundle`` converts the fitted pipeline to ONNX (``export_onnx``), checks that the graph gives the
-pipeline's labels and probabilities on the parity frames (``check_parity``), stores the forest's flat
-arrays when the compiled kernel reproduces the pipeline bit for bit, and records check rows that every
-load re-checks. Loading and scoring a bundle is `custseg.scoring.scorer`'s job.
+pipeline's labels and probabilities on the parity frames (``check_parity``), stores the trees' flat
+arrays when the compiled kernel reproduces the pipeline (forests bit for bit, boosted trees within
+`BOOSTING_TOLERANCE`), and records check rows that every load re-checks. A model ONNX cannot represent
+(skl2onnx fails on HistGradientBoosting) is stored without a graph and served by the compiled kernel on
+every path; ``bundle.json``'s ``engine`` says which engine the API uses. Loading and scoring a bundle is
+`custseg.scoring.scorer`'s job.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from custseg.errors import ExplanationError
 from custseg.scoring import explainer as tree_shap
 from custseg.scoring.explainer import CHECK_TOLERANCE, EXPLAINER_FILE, TreeExplainer
 from custseg.scoring.explainer_check import check_explainer
-from custseg.scoring.forest import FOREST_FILE, compile_pipeline, kernel_available
+from custseg.scoring.forest import (
+    BOOSTING_TOLERANCE,
+    FOREST_FILE,
+    NotCompilable,
+    compile_pipeline,
+    kernel_available,
+)
+from custseg.scoring.quickscorer import choose_evaluator
 from custseg.scoring.scorer import (
     BUNDLE_FILE,
     ONNX_FILE,
@@ -100,12 +110,22 @@ def write_bundle(
         if onnx_ok:
             (folder / ONNX_FILE).write_bytes(onnx_bytes)
         else:
-            logger.warning("ONNX parity check failed (%s); the model will be served by scikit-learn", parity)
-    except Exception as exc:  # any converter failure means: serve with sklearn, loudly
-        logger.warning("ONNX export failed (%s); the model will be served by scikit-learn", exc)
-        parity = {"error": f"{type(exc).__name__}: {exc}"}
+            logger.warning("ONNX parity check failed (%s); no ONNX graph is stored", parity)
+    except Exception as exc:  # any converter failure means: no graph (compiled kernel or sklearn), loudly
+        reason = _short(exc)
+        logger.warning("ONNX export failed (%s); no ONNX graph is stored", reason)
+        parity = {"error": reason}
 
     forest_parity = _write_forest(folder, pipeline, parity_frames)
+    forest_ok = bool(forest_parity.get("passed"))
+    engine = "onnx" if onnx_ok else "forest" if forest_ok else "sklearn"
+    if engine != "onnx":
+        logger.warning(
+            "the API and every other path will score this model with %s",
+            "custseg's compiled tree kernel"
+            if forest_ok
+            else "scikit-learn (only if the operator allows it)",
+        )
     features = check_frame[list(schema.FEATURE_NAMES)]
     explainer = write_explainer(folder, pipeline, features, parity_frames)
     meta = {
@@ -113,8 +133,9 @@ def write_bundle(
         "classes": [str(c) for c in pipeline.classes_],
         "features": list(schema.FEATURE_NAMES),
         "onnx": onnx_ok,
+        "engine": engine,
         "parity": parity,
-        "forest": bool(forest_parity.get("passed")),
+        "forest": forest_ok,
         "forest_parity": forest_parity,
         "explainer": explainer,
         "skops_trusted_types": trusted,  # informational only: trust comes from SKOPS_TRUSTED_TYPES
@@ -127,28 +148,35 @@ def write_bundle(
 
 
 def _write_forest(folder: Path, pipeline: Any, parity_frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
-    """Write ``forest.npz`` when the model is a forest whose compiled answers equal the pipeline's."""
+    """Write ``forest.npz`` when the model's compiled answers equal the pipeline's: the same labels, and
+    the same probabilities (forests: bit for bit; boosted trees: within `BOOSTING_TOLERANCE`)."""
     try:
         forest = compile_pipeline(pipeline)
         if forest is None:
-            return {"passed": False, "reason": "not a forest"}
+            return {"passed": False, "reason": "not a tree ensemble custseg compiles"}
         if not kernel_available():
             logger.warning("custseg was installed without its C forest kernel; batches will use ONNX")
             return {"passed": False, "reason": "the C kernel (custseg._forest) is not built here"}
-        result: dict[str, Any] = {"passed": True}
+        tolerance = 0.0 if forest.link == "mean" else BOOSTING_TOLERANCE
+        matrices = {name: forest.encode(to_columns(frame)) for name, frame in parity_frames.items()}
+        # node walk or bitmasks: timed on this model's parity rows, the faster is kept (and checked below)
+        evaluation = choose_evaluator(forest, list(matrices.values()))
+        result: dict[str, Any] = {"passed": True, "link": forest.link, "tolerance": tolerance}
+        result["evaluation"] = evaluation
         for name, frame in parity_frames.items():
-            proba = forest.predict_proba(forest.encode(to_columns(frame)))
-            labels = np.asarray(forest.classes)[proba.argmax(axis=1)]
+            index, proba = forest.predict(matrices[name])
+            labels = np.asarray(forest.classes)[index]
             result[name] = compare_with_pipeline(pipeline, frame, labels, proba)
-            exact = result[name]["label_mismatches"] == 0 and result[name]["max_probability_gap"] == 0.0
+            exact = result[name]["label_mismatches"] == 0 and result[name]["max_probability_gap"] <= tolerance
             result["passed"] = result["passed"] and exact
         if result["passed"]:
             forest.save(folder / FOREST_FILE)
         else:
-            logger.warning(
-                "compiled forest differs from the pipeline (%s); batch scoring will use ONNX", result
-            )
+            logger.warning("compiled forest differs from the pipeline (%s); it is not stored", result)
         return result
+    except NotCompilable as exc:
+        logger.warning("the model cannot be compiled: %s", exc)
+        return {"passed": False, "reason": str(exc)}
     except Exception as exc:  # the compiled kernel is an optimisation: never fail training over it
         logger.warning("compiling the forest failed (%s); batch scoring will use ONNX Runtime", exc)
         return {"passed": False, "reason": f"{type(exc).__name__}: {exc}"}
@@ -218,3 +246,9 @@ def additivity_error(pipeline: Any, explainer: TreeExplainer, frame: pd.DataFram
         else pipeline.decision_function(frame)
     )
     return float(np.max(np.abs(explanation.totals() - target), initial=0.0))
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    """An exception as one short line (skl2onnx puts whole node attribute dumps, megabytes, in its text)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -34,6 +34,7 @@ VERSION_COLUMN = "model_version"
 REJECT_COLUMNS: tuple[str, ...] = ("row", ID_COLUMN, "reason")
 MAX_REASONS = len(FEATURE_NAMES)
 """Most reasons per row ``--reasons K`` may ask for: every feature."""
+_FEATURE_NAMES = pa.array(FEATURE_NAMES, pa.string())
 
 
 @dataclass(frozen=True)
@@ -47,20 +48,25 @@ class ChunkResult:
 
 @dataclass(frozen=True)
 class TopReasons:
-    """The top K reasons of each row's predicted segment: feature names and signed contributions,
-    ``(rows, K)`` each, largest |contribution| first."""
+    """The top K reasons of each row's predicted segment: features (their index in the schema's order)
+    and signed contributions, ``(rows, K)`` each, largest |contribution| first."""
 
-    features: np.ndarray
+    indices: np.ndarray
     contributions: np.ndarray
+
+    @property
+    def features(self) -> np.ndarray:
+        """The features' names, ``(rows, K)``."""
+        return np.asarray(FEATURE_NAMES, dtype=object)[self.indices]
 
     @classmethod
     def empty(cls, k: int) -> TopReasons:
-        return cls(np.zeros((0, k), dtype=object), np.zeros((0, k)))
+        return cls(np.zeros((0, k), dtype=np.intp), np.zeros((0, k)))
 
     @classmethod
     def concatenate(cls, parts: list[TopReasons]) -> TopReasons:
         return cls(
-            np.concatenate([p.features for p in parts]), np.concatenate([p.contributions for p in parts])
+            np.concatenate([p.indices for p in parts]), np.concatenate([p.contributions for p in parts])
         )
 
 
@@ -96,8 +102,7 @@ def top_reasons(scorer: Scorer, columns: Mapping[str, np.ndarray], scores: Score
         return TopReasons.empty(k)
     _, _, contributions = scorer.contributions(columns, scores)
     top = top_indices(contributions, k)
-    names = np.asarray(FEATURE_NAMES, dtype=object)[top]
-    return TopReasons(names, np.take_along_axis(contributions, top, axis=1))
+    return TopReasons(top, np.take_along_axis(contributions, top, axis=1))
 
 
 def output_schema(classes: tuple[str, ...] | list[str], reasons: int = 0) -> pa.Schema:
@@ -249,7 +254,7 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
             ok &= (number >= feature.lower_bound) & (number <= feature.upper_bound)
         if not ok.all():
             return None
-        columns[feature.name] = number.astype(np.float32).reshape(-1, 1)
+        columns[feature.name] = number.reshape(-1, 1)  # float64: see scorer.to_columns
     return ids.cast(pa.string()).combine_chunks(), columns
 
 
@@ -263,8 +268,9 @@ def output_table(
     arrays.append(pa.array(np.full(len(ids), model_version, dtype=object), type=pa.string()))
     k = 0
     if reasons is not None:
-        k = reasons.features.shape[1]
-        arrays += [pa.array(reasons.features[:, i], type=pa.string()) for i in range(k)]
+        k = reasons.indices.shape[1]
+        # Names by index in Arrow (no Python string per cell); float32 as the schema says.
+        arrays += [_FEATURE_NAMES.take(pa.array(reasons.indices[:, i])) for i in range(k)]
         arrays += [pa.array(reasons.contributions[:, i].astype(np.float32), pa.float32()) for i in range(k)]
     return pa.Table.from_arrays(arrays, schema=output_schema(scores.classes, k))
 

@@ -24,7 +24,7 @@ def check_explainer(pipeline: Any, explainer: TreeExplainer, frame: Any) -> dict
 
     columns = to_columns(frame)
     ours = explainer.explain(columns)
-    matrix = explainer.encode(columns).astype(np.float64)  # what sklearn's float32 inputs hold
+    matrix = explainer.model_matrix(columns)  # the values the model compares (float32-rounded for most)
     values, expected = _shap_reference(pipeline.steps[-1][1], matrix, len(explainer.classes))
     theirs = np.zeros_like(ours.contributions)
     for j, slot in enumerate(explainer._column_slots()):

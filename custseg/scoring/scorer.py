@@ -6,9 +6,11 @@ registered model version:
 - ``model.onnx``     the whole pipeline (encoding included) as an ONNX graph, served by ONNX Runtime;
 - ``pipeline.skops`` the scikit-learn pipeline, used only when the ONNX graph is missing or fails its check
                      *and* the operator allows it (``allow_pipeline_fallback``);
-- ``forest.npz``     forests only: the trees as flat arrays for the compiled batch kernel
-                     (`custseg.scoring.forest`), bit-for-bit the pipeline's answers; batch scoring uses
-                     it, the API keeps ONNX Runtime;
+- ``forest.npz``     tree ensembles (forests, gradient boosting, histogram gradient boosting): the trees as
+                     flat arrays for the compiled kernel (`custseg.scoring.forest`), the pipeline's answers
+                     (forests bit for bit, boosting within 1e-9); batch scoring uses it, the API keeps
+                     ONNX Runtime when the bundle has a graph and uses the kernel when it has none
+                     (skl2onnx cannot convert HistGradientBoosting);
 - ``bundle.json``    class order, parity results and check rows with the answers the pipeline gave at
                      training time (re-checked on every load).
 
@@ -36,6 +38,7 @@ from custseg.errors import DataValidationError, ExplanationError, ModelLoadError
 from custseg.scoring import explainer as tree_shap
 from custseg.scoring.explainer import EXPLAINER_FILE, TreeExplainer
 from custseg.scoring.forest import FOREST_FILE, CompiledForest, kernel_available
+from custseg.scoring.quickscorer import EVALUATORS, WALK
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +72,13 @@ class Scores:
 
 
 def to_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Model inputs from a validated frame: one (n, 1) array per feature, float32 or str."""
+    """Model inputs from a validated frame: one (n, 1) array per feature, float64 or str.
+
+    float64, not float32: HistGradientBoosting compares float64 inputs (forests, GradientBoosting and ONNX
+    round to float32 themselves, in `encode_columns` and `_run_onnx`, exactly as scikit-learn does)."""
     columns: dict[str, np.ndarray] = {}
     for name in schema.NUMERIC_FEATURES:
-        columns[name] = frame[name].to_numpy(dtype=np.float32).reshape(-1, 1)
+        columns[name] = frame[name].to_numpy(dtype=np.float64).reshape(-1, 1)
     for name in schema.CATEGORICAL_FEATURES:
         columns[name] = frame[name].astype(str).to_numpy(dtype=object).reshape(-1, 1)
     return columns
@@ -92,7 +98,8 @@ def typed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 @dataclass
 class Scorer:
-    """Scores raw customer rows; ``backend`` is ``forest``, ``onnx`` or ``sklearn`` (the fallback)."""
+    """Scores raw customer rows; ``backend`` is ``forest`` (the compiled tree kernel), ``onnx`` or
+    ``sklearn`` (the fallback)."""
 
     classes: tuple[str, ...]
     backend: str
@@ -116,7 +123,9 @@ class Scorer:
     ) -> Scorer:
         """Load a bundle and re-check it against the answers recorded at training time.
 
-        ``compiled`` (batch scoring) uses the bundle's compiled forest when it has one. The scikit-learn
+        ``compiled`` (batch scoring) uses the bundle's compiled forest when it has one. Without it, ONNX
+        Runtime scores; a bundle without an ONNX graph (a model skl2onnx cannot convert, such as
+        HistGradientBoosting) is scored by its compiled forest instead. The scikit-learn
         pipeline is loaded only with ``allow_pipeline`` (the operator's ``allow_pipeline_fallback``):
         ``"onnx": false`` in bundle.json alone never makes this load ``pipeline.skops``.
         """
@@ -126,9 +135,16 @@ class Scorer:
             classes = tuple(str(c) for c in meta["classes"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{folder} is not a custseg model bundle ({exc})") from exc
-        scorer = _forest_scorer(cls, folder, meta, classes) if compiled else None
+        has_onnx = bool(meta.get("onnx")) and (folder / ONNX_FILE).exists()
+        # No ONNX graph: the compiled kernel is the model's engine everywhere, not only for batches.
+        use_forest = compiled or (prefer_onnx and not has_onnx)
+        scorer = _forest_scorer(cls, folder, meta, classes) if use_forest else None
         onnx_problem = "pipeline requested" if not prefer_onnx else "the bundle has no ONNX graph"
-        if scorer is None and prefer_onnx and meta.get("onnx") and (folder / ONNX_FILE).exists():
+        if scorer is None and use_forest and not has_onnx and meta.get("forest"):
+            onnx_problem = "the bundle has no ONNX graph and its compiled forest could not be used " + (
+                "(custseg was installed without its C kernel)" if not kernel_available() else "(see the log)"
+            )
+        if scorer is None and prefer_onnx and has_onnx:
             try:
                 session = _onnx_session((folder / ONNX_FILE).read_bytes())
                 scorer = cls(classes=classes, backend="onnx", _session=session, meta=meta)
@@ -182,8 +198,8 @@ class Scorer:
     def score_columns(self, columns: Mapping[str, np.ndarray]) -> Scores:
         """Score prepared inputs (see `to_columns`); gender must already be canonical."""
         if self._forest is not None:
-            proba = self._forest.predict_proba(self._forest.encode(columns))
-            labels = np.asarray(self.classes)[proba.argmax(axis=1)] if len(proba) else np.array([], dtype=str)
+            index, proba = self._forest.predict(self._forest.encode(columns))
+            labels = np.asarray(self.classes)[index] if len(proba) else np.array([], dtype=str)
             return Scores(labels=labels, probabilities=proba, classes=self.classes)
         if self._session is not None:
             labels, proba = _run_onnx(self._session, columns)
@@ -207,7 +223,7 @@ class Scorer:
         explainer = self._require_explainer()
         scores = scores if scores is not None else self.score_columns(columns)
         predicted = _class_indices(scores, self.classes)
-        base, contributions = explainer.explain(columns).of_class(predicted)
+        base, contributions = explainer.explain_class(columns, predicted)  # only the predicted class
         return predicted, base, contributions
 
     def explain(
@@ -275,18 +291,28 @@ def _forest_scorer(
     if not (meta.get("forest") and (folder / FOREST_FILE).exists()):
         return None
     if not kernel_available():
-        logger.warning("custseg was installed without its C forest kernel (no compiler?); using ONNX")
+        logger.warning("custseg was installed without its C forest kernel (no compiler?); not using it")
         return None
     try:
         forest = CompiledForest.load(folder / FOREST_FILE)
         if forest.classes != classes:
             raise ModelLoadError(f"forest classes {forest.classes} differ from the bundle's {classes}")
+        forest.use_evaluator(recorded_evaluator(meta))  # then verify() checks the rows through it
         scorer = cls(classes=classes, backend="forest", _forest=forest, meta=dict(meta))
         scorer.verify()
         return scorer
     except Exception as exc:
-        logger.error("compiled forest in %s failed to load or check (%s); using ONNX", folder, exc)
+        logger.error("compiled forest in %s failed to load or check (%s); not using it", folder, exc)
         return None
+
+
+def recorded_evaluator(meta: Mapping[str, Any]) -> str:
+    """The forest evaluator training measured faster on this model (``forest_parity.evaluation`` in
+    bundle.json); the node walk for bundles written before there was a choice."""
+    parity = meta.get("forest_parity")
+    evaluation = parity.get("evaluation") if isinstance(parity, Mapping) else None
+    name = evaluation.get("evaluator") if isinstance(evaluation, Mapping) else None
+    return name if name in EVALUATORS else WALK
 
 
 def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -342,7 +368,14 @@ def _onnx_session(onnx_bytes: bytes) -> Any:
 
 
 def _run_onnx(session: Any, columns: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    # ONNX Runtime takes text as object arrays; the batch reader may hand fixed-width unicode.
-    inputs = {k: v.astype(object) if v.dtype.kind == "U" else v for k, v in columns.items()}
+    # ONNX Runtime takes text as object arrays (the batch reader may hand fixed-width unicode) and the
+    # graph's numeric inputs are float32: rounded here, as scikit-learn's forests round float64 input.
+    inputs = {k: _onnx_input(v) for k, v in columns.items()}
     labels, proba = session.run(None, inputs)
     return np.asarray(labels).astype(str).ravel(), np.asarray(proba)
+
+
+def _onnx_input(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind == "U":
+        return values.astype(object)
+    return values.astype(np.float32, copy=False) if values.dtype.kind == "f" else values

@@ -24,6 +24,10 @@ from custseg.serving.metrics import ApiMetrics
 from custseg.serving.middleware import ApiMiddleware
 from custseg.serving.openapi import DESCRIPTION, install_openapi
 from custseg.serving.routes import add_routes
+from custseg.serving.ui import models_page as models_pages
+from custseg.serving.ui import monitoring as monitoring_pages
+from custseg.serving.ui import segments as segments_pages
+from custseg.serving.ui import upload as upload_pages
 from custseg.serving.ui.pages import add_routes as add_pages
 from custseg.settings import Settings
 
@@ -48,6 +52,11 @@ def create_app(
     install_state(app, settings, model_uri, prediction_log)
     add_routes(app, settings)
     add_pages(app, settings)
+    # beside add_pages, not inside it: these modules use the pages' helpers (no import cycle)
+    upload_pages.add_routes(app, settings)
+    segments_pages.add_routes(app, settings)
+    monitoring_pages.add_routes(app, settings)
+    models_pages.add_routes(app, settings)
     for exc_class in HANDLED:
         app.add_exception_handler(exc_class, handle_error)
     install_openapi(app)

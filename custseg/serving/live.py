@@ -7,6 +7,7 @@ Prometheus gauges; ``monitored_prediction_log`` is the log ``custseg serve`` use
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -25,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 LIVE_PERFORMANCE_DAYS = 7.0
 """The API's realised-performance gauges cover predictions of the last this many days."""
+
+REFRESH_MODULES = ("scipy.stats", "custseg.core.training")
+"""What a refresh needs on first use (the drift tests, the realised-performance metrics), imported when
+the monitor starts, before the server takes requests. Imported by the first refresh instead, in its
+background thread, loading them held the interpreter lock long enough to stall requests in flight."""
 
 
 class LiveMonitor:
@@ -62,13 +68,16 @@ class LiveMonitor:
         self.refreshed_at: float | None = None
 
     def observe(self, entries: list[dict[str, Any]]) -> None:
-        rows = [(e["features"], str(e["label"]), str(e.get("model_version", ""))) for e in entries]
+        predicted = schema.PREDICTED_COLUMN
+        rows = [(e["features"], str(e[predicted]), str(e.get("model_version", ""))) for e in entries]
         with self._lock:
             self._rows.extend(rows)
 
     def start(self) -> None:
         if self.refresh_seconds <= 0 or (self._thread is not None and self._thread.is_alive()):
             return
+        for name in REFRESH_MODULES:
+            importlib.import_module(name)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="custseg-live-monitor", daemon=True)
         self._thread.start()

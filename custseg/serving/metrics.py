@@ -57,7 +57,7 @@ class ApiMetrics:
             multiprocess_mode="livesum",
         )
         self.predictions = Counter(
-            "custseg_predictions_total", "Rows scored, by predicted segment.", ["label"], registry=r
+            "custseg_predictions_total", "Rows scored, by predicted segment.", ["segment"], registry=r
         )
         # livemax: a version counts as served while any live worker serves it (during a hot swap, both)
         self.model_info = Gauge(
@@ -74,6 +74,9 @@ class ApiMetrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        # Labelled children, looked up once: ``labels()`` costs more than the increment itself.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._segment_children: dict[str, Any] = {}
         self.swaps = Counter("custseg_model_swaps_total", "Models loaded and put into service.", registry=r)
         self.swap_failures = Counter(
             "custseg_model_swap_failures_total",
@@ -81,13 +84,29 @@ class ApiMetrics:
             registry=r,
         )
 
-    def count_predictions(self, labels: list[str]) -> None:
+    def count_predictions(self, segments: list[str]) -> None:
         """Count scored rows by predicted segment (one increment per segment, not per row)."""
-        if len(labels) == 1:
-            self.predictions.labels(labels[0]).inc()
+        if len(segments) == 1:
+            self._segment(segments[0]).inc()
             return
-        for label, count in Tally(labels).items():
-            self.predictions.labels(label).inc(count)
+        for segment, count in Tally(segments).items():
+            self._segment(segment).inc(count)
+
+    def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered HTTP request: its count and its latency."""
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, status), self.latency.labels(route, status))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def _segment(self, segment: str) -> Any:
+        child = self._segment_children.get(segment)
+        if child is None:
+            child = self._segment_children[segment] = self.predictions.labels(segment)
+        return child
 
     def render(self) -> bytes:
         if not self.multiprocess:

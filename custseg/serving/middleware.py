@@ -60,6 +60,9 @@ OPEN_PATHS = frozenset(
 KNOWN_PATHS = frozenset({*OPEN_PATHS, "/model", "/metrics", "/predict", "/score", "/feedback"})
 JSON_BODY_PATHS = frozenset({"/predict", "/score", "/feedback"})
 """The POST routes; each takes a JSON body (other paths answer POST with 404 or 405)."""
+STREAMED_BODY_PATHS = frozenset({"/ui/upload"})
+"""Routes that stream their body to disk and enforce their own limit (the Upload page's
+``ui_upload_max_mb``, with a page-friendly message), so ``max_body_bytes`` does not apply to them."""
 CLIENT_CLOSED = 499
 """Status recorded in metrics and the access log when the client left mid-request (nginx's convention)."""
 RID_HEADER = b"x-request-id"
@@ -94,6 +97,7 @@ class ApiMiddleware:
         trusted = {h.strip().lower() for h in settings.trusted_hosts}
         self.any_host = "*" in trusted
         self.hosts = frozenset({*LOOPBACK_HOSTS, *trusted})
+        self._hosts_seen: set[bytes] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,7 +143,8 @@ class ApiMiddleware:
             if early is not None:
                 await send_error(send_with_id, early, request_id, client_id)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                limited = receive if path in STREAMED_BODY_PATHS else self._limited(receive)
+                await self.app(scope, limited, send_with_id)
         except ClientDisconnect:
             # The client left before sending its whole body: nothing to answer, and not a server error.
             status_holder[0] = CLIENT_CLOSED
@@ -156,8 +161,7 @@ class ApiMiddleware:
             elapsed = time.perf_counter() - started
             status = status_holder[0]
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.metrics.requests.labels(method, route, status).inc()
-            self.metrics.latency.labels(route, status).observe(elapsed)
+            self.metrics.count_request(method, route, status, elapsed)
             if access_logger.isEnabledFor(logging.INFO):
                 access_logger.info(
                     orjson.dumps(
@@ -186,9 +190,12 @@ class ApiMiddleware:
     ) -> Exception | None:
         """The first reason to answer without running the route, or None (sets the caller's key)."""
         path = scope["path"]
-        if not self.any_host and host is not None and path not in HOST_CHECK_EXEMPT:
+        if not self.any_host and host is not None and host not in self._hosts_seen:
             name = _host_name(host)
-            if name not in self.hosts:
+            if name in self.hosts:
+                if len(self._hosts_seen) < 64:  # Host headers seen and trusted, as sent: checked once
+                    self._hosts_seen.add(host)
+            elif path not in HOST_CHECK_EXEMPT:
                 return UntrustedHostError(
                     f"this server does not answer to the host name {name[:100]!r}; "
                     "the operator can add it to CUSTSEG_TRUSTED_HOSTS"
@@ -211,7 +218,7 @@ class ApiMiddleware:
             return UnsupportedMediaTypeError(
                 "send the body as JSON with the header Content-Type: application/json"
             )
-        if content_length is not None:
+        if content_length is not None and path not in STREAMED_BODY_PATHS:
             try:
                 declared = int(content_length)
             except ValueError:

@@ -276,7 +276,10 @@ class ModelDetails(BaseModel):
     trained_at: str = Field(description="When the version was registered (right after its training run).")
     loaded_at: str
     aliases: list[str]
-    backend: str = Field(description="onnx (ONNX Runtime) or sklearn (fallback).")
+    backend: str = Field(
+        description="onnx (ONNX Runtime); forest (custseg's compiled tree kernel: models ONNX cannot "
+        "represent, such as HistGradientBoosting, are served by it on every path); or sklearn (fallback)."
+    )
     classes: list[str]
     holdout_metrics: dict[str, float]
     features: list[FeatureInfo]

@@ -270,7 +270,7 @@ def model_inputs(records: list[Any]) -> dict[str, np.ndarray]:
     n = len(records)
     columns: dict[str, np.ndarray] = {}
     for name in schema.NUMERIC_FEATURES:
-        values = np.fromiter((getattr(r, name) for r in records), dtype=np.float32, count=n)
+        values = np.fromiter((getattr(r, name) for r in records), dtype=np.float64, count=n)
         columns[name] = values.reshape(n, 1)
     for name in schema.CATEGORICAL_FEATURES:
         columns[name] = np.array([getattr(r, name) for r in records], dtype=object).reshape(n, 1)

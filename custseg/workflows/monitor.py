@@ -97,9 +97,8 @@ def run_monitor(
     if current_path is not None:
         current = load_current_file(current_path)
         scorer, _ = load_scorer(settings, model.uri)
-        current["label"] = scorer.score_frame(current[list(schema.FEATURE_NAMES)]).labels
-        if schema.LABEL_COLUMN in current:
-            current["true_segment"] = current[schema.LABEL_COLUMN]
+        # The file's own customer_segment, when it has one, is the true segment (as in a log window).
+        current[schema.PREDICTED_COLUMN] = scorer.score_frame(current[list(schema.FEATURE_NAMES)]).labels
         source = f"file {current_path}"
     else:
         log = PredictionLog.from_settings(settings)
@@ -109,9 +108,8 @@ def run_monitor(
         finally:
             log.close()
         source = "prediction log"
-    report = drift_report(
-        reference.frame, reference.stats, current, current["label"] if len(current) else None, th
-    )
+    predicted = current[schema.PREDICTED_COLUMN] if len(current) else None
+    report = drift_report(reference.frame, reference.stats, current, predicted, th)
     report["model"] = {"name": model.name, "version": model.version, "run_id": model.run_id}
     report["source"] = source
     if current_path is None:
@@ -230,7 +228,7 @@ def importance_report(
     columns = to_columns(prepare_frame(rows))
     explanation = scorer.explainer.explain(columns, threads=2)
     lookup = {c: i for i, c in enumerate(scorer.classes)}
-    predicted = [lookup[str(label)] for label in scorer.score_columns(columns).labels]
+    predicted = [lookup[str(segment)] for segment in scorer.score_columns(columns).labels]
     profile = importance_profile(explanation.contributions, predicted, scorer.classes)
     threshold = settings.importance_shift_threshold
     features = importance_shift(reference["features"], profile["features"], threshold)  # type: ignore[arg-type]

@@ -265,7 +265,7 @@ def _rescore(settings: Settings, table: pa.Table, model_name: str, version: str)
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
     columns: dict[str, np.ndarray] = {}
     for name in NUMERIC_FEATURES:
-        columns[name] = table.column(name).to_numpy().astype(np.float32).reshape(-1, 1)
+        columns[name] = table.column(name).to_numpy().astype(np.float64).reshape(-1, 1)
     for name in CATEGORICAL_FEATURES:
         columns[name] = np.asarray(table.column(name).to_pylist(), dtype=object).reshape(-1, 1)
     return np.asarray(scorer.score_columns(columns).labels, dtype=object)

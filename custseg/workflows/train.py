@@ -3,7 +3,8 @@
 ``train_and_register`` is what ``custseg train`` runs: model selection (`custseg.core.training`), the
 bundle written and parity-checked (`custseg.scoring.bundle`) with its SHA-256 digests
 (`custseg.scoring.verification`), the MLflow run (metrics, plots, the training reference for drift, the
-pyfunc model), the registered version, and the quality gate (`custseg.registry.gate`).
+pyfunc model, and one nested child run per candidate holding its score on every cross-validation fold),
+the registered version, and the quality gate (`custseg.registry.gate`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from custseg import schema
 from custseg.core.drift import reference_statistics
@@ -49,6 +52,17 @@ logger = logging.getLogger(__name__)
 
 IMPORTANCE_ROWS = 10_000
 """Training rows explained for the reference importance (a seeded sample beyond this)."""
+
+CANDIDATE_METRICS = (
+    "cv_macro_f1_mean",
+    "cv_macro_f1_std",
+    "cv_macro_f1_se",
+    "cv_balanced_accuracy",
+    "cv_accuracy",
+)
+
+TRAIN_JOBS = -1
+"""Cross-validation folds fitted in parallel: every core (joblib's -1)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ def register_training(
             reference = {**reference, "importance": importance}
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{result.selected}") as run:
             _log_run_contents(result, settings, data_source, full_frame, bundle_meta, reference, Path(tmp))
+            log_candidate_runs(client, result, experiment_id, run.info.run_id)
             model_info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
@@ -140,6 +155,7 @@ def _log_run_contents(
             "selected_candidate": result.selected,
             **{f"model_{k}": v for k, v in result.selected_params.items()},
             "cv_folds": result.cv_folds,
+            "cv_repeats": result.cv_repeats,
             "seed": result.seed,
             "test_size": 0.2,
             "candidates": len(result.cv_table),
@@ -149,8 +165,13 @@ def _log_run_contents(
     mlflow.log_metrics({f"prototype_holdout_{k}": v for k, v in result.prototype.metrics.items()})
     best = result.cv_table.iloc[0]
     mlflow.log_metrics(
-        {"cv_macro_f1_mean": best["cv_macro_f1_mean"], "cv_macro_f1_std": best["cv_macro_f1_std"]}
+        {
+            "cv_macro_f1_mean": best["cv_macro_f1_mean"],
+            "cv_macro_f1_std": best["cv_macro_f1_std"],
+            "cv_macro_f1_se": best["cv_macro_f1_se"],
+        }
     )
+    mlflow.set_tag("custseg.selection_reason", result.selection_reason)
     for name, parity in bundle_meta["parity"].items():
         if isinstance(parity, dict):
             mlflow.log_metrics(
@@ -166,6 +187,7 @@ def _log_run_contents(
         {"selected": result.holdout.metrics, "prototype": result.prototype.metrics}, "evaluation/metrics.json"
     )
     mlflow.log_text(result.cv_table.to_csv(index=False), "evaluation/cv_candidates.csv")
+    mlflow.log_text(result.fold_scores.to_csv(index=False), "evaluation/cv_folds.csv")
     mlflow.log_figure(
         confusion_figure(result.holdout, f"{result.selected} — held-out confusion"),
         "plots/confusion_matrix.png",
@@ -192,6 +214,52 @@ def _log_run_contents(
         mlflow.log_input(dataset, context="training")
     except Exception as exc:  # dataset lineage is a nicety; the run is complete without it
         logger.debug("could not log dataset lineage: %s", exc)
+
+
+def log_candidate_runs(
+    client: MlflowClient, result: TrainingResult, experiment_id: str, parent_id: str
+) -> None:
+    """One child run per candidate, nested under the active training run: its settings, mean and standard
+    error, and its macro-F1, balanced accuracy and accuracy on every fold (metric steps = fold index, the
+    same folds for every candidate)."""
+    params = {c.name: c.params for c in result.candidates}
+    for row in result.cv_table.itertuples(index=False):
+        name = str(row.candidate)
+        folds = result.fold_scores[result.fold_scores["candidate"] == name].sort_values("fold")
+        child = client.create_run(
+            experiment_id,
+            run_name=f"cv-{name}",
+            tags={
+                "mlflow.parentRunId": parent_id,
+                "custseg.run_type": "cv_candidate",
+                "custseg.candidate": name,
+                "custseg.selected": str(bool(row.selected)).lower(),
+            },
+        )
+        now = int(pd.Timestamp.now(tz="UTC").timestamp() * 1000)
+        metrics = [
+            Metric(key, float(getattr(row, key)), now, 0)
+            for key in (
+                "cv_macro_f1_mean",
+                "cv_macro_f1_std",
+                "cv_macro_f1_se",
+                "cv_balanced_accuracy",
+                "cv_accuracy",
+            )
+        ]
+        metrics.append(Metric("rank", float(row.rank), now, 0))
+        for fold in folds.itertuples(index=False):
+            for key in ("macro_f1", "balanced_accuracy", "accuracy", "fit_seconds"):
+                metrics.append(Metric(f"fold_{key}", float(getattr(fold, key)), now, int(fold.fold)))
+        run_params = [Param(f"model_{k}", str(v)) for k, v in params.get(name, {}).items()]
+        run_params += [Param("cv_folds", str(result.cv_folds)), Param("cv_repeats", str(result.cv_repeats))]
+        for start in range(0, len(metrics), 900):  # MLflow's log_batch takes at most 1,000 metrics
+            client.log_batch(
+                child.info.run_id,
+                metrics=metrics[start : start + 900],
+                params=run_params if start == 0 else [],
+            )
+        client.set_terminated(child.info.run_id)
 
 
 def reference_importance(bundle_dir: Path, result: TrainingResult) -> dict[str, Any] | None:
@@ -238,7 +306,13 @@ def train_and_register(
 ) -> tuple[TrainingResult, Registration]:
     """Train on a validated frame, then log, register and gate the new version."""
     result = train(
-        frame, seed=settings.seed, cv_folds=settings.cv_folds, candidates=candidates, on_progress=on_progress
+        frame,
+        seed=settings.seed,
+        cv_folds=settings.cv_folds,
+        cv_repeats=settings.cv_repeats,
+        candidates=candidates,
+        n_jobs=TRAIN_JOBS,
+        on_progress=on_progress,
     )
     # Parity is checked on many fresh rows too, not just the (small) test split.
     parity_frame = generate(20_000, seed=settings.seed + 1, label_noise=0.0)

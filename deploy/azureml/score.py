@@ -6,7 +6,9 @@ script read Flask's ``request`` inside ``run``, which cannot work there).
 
 - Model: ``AZUREML_MODEL_DIR`` is the folder of a registered model version as MLflow stores it (it holds
   ``artifacts/bundle/``), or a parent of it up to two levels (Azure ML mounts a registered folder as
-  ``<AZUREML_MODEL_DIR>/<folder name>/``). Scoring goes through `custseg.scoring.scorer.Scorer`, like the API.
+  ``<AZUREML_MODEL_DIR>/<folder name>/``). Scoring goes through `custseg.scoring.scorer.Scorer`, like the API:
+  ONNX Runtime, or custseg's compiled tree kernel for a model ONNX cannot represent (HistGradientBoosting;
+  ``model.backend`` in the answer says ``forest``).
 - Verification: before anything in the bundle is parsed, ``init()`` checks every bundle file against the
   SHA-256 digests recorded at registration in the model's ``MLmodel`` (``model_config``); a difference,
   a missing or an extra file refuses to start (see docs/design/bundle-verification.md).

@@ -26,7 +26,6 @@ from custseg import schema
 from custseg.errors import DataValidationError, ExplanationError
 from custseg.serving.deps import get_served_model, request_context
 from custseg.serving.parsing import parse_records
-from custseg.serving.routes.model import describe
 from custseg.serving.routes.scoring import score_records
 from custseg.serving.security import ApiKey, configured_keys
 from custseg.serving.ui import charts, sessions
@@ -58,14 +57,7 @@ NAVIGATION = (
     ("monitoring", "Monitoring"),
     ("models", "Models"),
 )
-PLACEHOLDERS = {
-    "upload": "Upload a CSV or Parquet file of customers, score it like `custseg score` (with reasons), "
-    "then download the scored file and the rejects file with a summary.",
-    "segments": "Segment sizes per snapshot date, the migration matrix between two dates, a customer's "
-    "history, and a CSV export of the customers who changed segment.",
-    "monitoring": "Requests and latency, segment mix, drift per feature against its threshold and realised "
-    "performance over time, with model promotions marked on every time axis.",
-}
+PLACEHOLDERS: dict[str, str] = {}
 """Pages linked from the navigation that are not built yet, and what they will show."""
 _WORDS = {"num": "number of", "avg": "average"}
 _JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
@@ -325,15 +317,6 @@ def _csrf_ok(request: Request, form: dict[str, str]) -> bool:
     return origin in (None, "null") or urlsplit(origin).netloc == request.headers.get("host")
 
 
-async def models_page(request: Request) -> Response:
-    refused = locked(request)
-    if refused is not None:
-        return refused
-    loaded = request.app.state.holder.current
-    details = describe(loaded) if loaded is not None else None
-    return page(request, "models.html", active="models", model=details)
-
-
 async def placeholder(request: Request) -> Response:
     refused = locked(request)
     if refused is not None:
@@ -373,7 +356,6 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
     app.add_api_route("/ui/", home, methods=["GET"], **hidden)
     app.add_api_route("/ui/score", score_form, methods=["GET"], **hidden)
     app.add_api_route("/ui/score", score_submit, methods=["POST"], **hidden)
-    app.add_api_route("/ui/models", models_page, methods=["GET"], **hidden)
     app.add_api_route("/ui/sign-in", sign_in_form, methods=["GET"], **hidden)
     app.add_api_route("/ui/sign-in", sign_in, methods=["POST"], **hidden)
     app.add_api_route("/ui/sign-out", sign_out, methods=["POST"], **hidden)

@@ -115,11 +115,13 @@ def test_run_records_params_metrics_tags_and_artifacts(custseg_home: Path) -> No
 def test_gate_keeps_champion_unless_beaten_and_promote_moves_it(custseg_home: Path) -> None:
     frame = generate(2000, seed=23)
     first = train_into(custseg_home, frame)
-    # the same data gives the same model: equal, not better, so it waits as challenger
+    # the same data gives the same model; on the new run's folds the champion (fitted on all of the
+    # training part) is never worse than the challenger's recipe refitted per fold: it waits as challenger
     second = train_into(custseg_home, frame)
     assert second.decision.alias == CHALLENGER
     assert second.decision.champion_version == first.model.version
-    assert second.decision.champion_score == pytest.approx(second.decision.new_score)
+    assert second.decision.champion_score is not None
+    assert second.decision.champion_score >= second.decision.new_score
     assert "does not beat" in second.decision.reason and "custseg promote" in second.decision.reason
 
     settings = Settings()
@@ -144,6 +146,7 @@ def test_gate_promotes_a_better_model_on_the_same_holdout(custseg_home: Path) ->
     assert better.decision.alias == CHAMPION
     assert better.decision.champion_score is not None
     assert better.decision.new_score > better.decision.champion_score
+    assert better.decision.comparison is not None and better.decision.comparison.probability_better > 0.99
 
 
 def test_no_champion_gives_a_clear_error(custseg_home: Path) -> None:

@@ -466,7 +466,7 @@ def test_metrics_add_up_across_workers(serving_home: ServingHome, tmp_path: Path
             "custseg_http_requests_total",
             (("method", "POST"), ("route", "/predict"), ("status", "200")),
         )
-        predicted = ("custseg_predictions_total", (("label", "medium_value"),))
+        predicted = ("custseg_predictions_total", (("segment", "medium_value"),))
         for _ in range(8):  # repeated scrapes land on different workers: all must agree
             metrics = server.metrics()
             assert metrics[served] == requests and metrics[predicted] == requests

@@ -97,10 +97,11 @@ def test_drift_found_retrained_promoted_and_served(tmp_path: Path) -> None:
         answer = client.post("/predict", json=records(drifted.iloc[2999:]))
         assert answer.json()["model"] == {"name": "customer-segments", "version": "2"}
 
-        # 5. a challenger that is not better (same data, seed and candidates: equal) stays challenger
+        # 5. a challenger that is not better (same data, seed and candidates; the champion saw these rows)
+        # stays challenger
         same = retrain(drifted, settings, data_source="drifted.csv", candidates=fast_candidates())
         assert not same.promoted and same.registration.model.version == "3"
-        assert same.challenger_score == pytest.approx(same.champion_score)
+        assert same.champion_score is not None and same.challenger_score <= same.champion_score
         assert "does not beat champion v2" in same.registration.decision.reason
         assert str(mlflow.get_model_version_by_alias(settings.model_name, "challenger").version) == "3"
         kept = mlflow.get_run(same.registration.run_id)

@@ -8,6 +8,8 @@ import pytest
 from custseg import schema
 from custseg.core.explain import (
     REASON_NUMBERS,
+    SMALL_BATCH,
+    explain_rows,
     global_importance,
     reason_code,
     reason_text,
@@ -46,6 +48,48 @@ def test_top_indices_sort_by_magnitude_with_ties_in_schema_order() -> None:
     chosen = np.take_along_axis(np.abs(many), top, axis=1)
     assert np.all(chosen[:, :-1] >= chosen[:, 1:])
     assert np.all(chosen[:, -1] >= np.sort(np.abs(many), axis=1)[:, -3])
+
+
+@pytest.mark.parametrize("k", range(1, 11))
+def test_top_indices_equal_a_stable_sort_for_every_k_ties_included(k: int) -> None:
+    """Small k takes k argmax passes, larger k a sort: both are the stable sort on -|c|."""
+    rng = np.random.default_rng(k)
+    many = rng.choice([-0.3, -0.1, 0.0, 0.1, 0.2, 0.3], size=(500, 10))  # many ties, signs mixed
+    expected = np.argsort(-np.abs(many), axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(top_indices(many, k), expected)
+    before = many.copy()
+    top_indices(many, k)
+    np.testing.assert_array_equal(many, before)  # the input is left alone
+    assert top_indices(np.zeros((0, 10)), k).shape == (0, k)
+
+
+def test_a_few_rows_and_many_rows_give_the_same_reasons() -> None:
+    """`explain_rows` goes row by row up to SMALL_BATCH rows and vectorised above: same objects."""
+    from custseg.core.generator import generate
+    from custseg.scoring.scorer import to_columns
+
+    n = 3 * SMALL_BATCH
+    columns = to_columns(generate(n, seed=5)[list(schema.FEATURE_NAMES)])
+    rng = np.random.default_rng(1)
+    contributions = rng.choice([-0.25, -0.05, 0.0, 0.05, 0.125, 0.25], size=(n, 10)) + rng.normal(
+        scale=1e-3, size=(n, 10)
+    ) * (rng.random((n, 10)) < 0.5)
+    segments, bases = [f"s{i}" for i in range(n)], rng.random(n)
+    for k in (1, 3, 10):
+        many = explain_rows(columns, segments, bases, contributions, k)
+        few = [
+            explain_rows(
+                {name: v[i : i + SMALL_BATCH] for name, v in columns.items()},
+                segments[i : i + SMALL_BATCH],
+                bases[i : i + SMALL_BATCH],
+                contributions[i : i + SMALL_BATCH],
+                k,
+            )
+            for i in range(0, n, SMALL_BATCH)
+        ]
+        assert [e.to_dict() for part in few for e in part] == [e.to_dict() for e in many]
+    with pytest.raises(ValueError, match="k must be between 1 and 10"):
+        explain_rows(columns, segments[:1], bases[:1], contributions[:1], 11)
 
 
 @pytest.mark.parametrize("k", [0, 11])

@@ -62,18 +62,36 @@ def test_same_data_same_model() -> None:
     np.testing.assert_array_equal(first.pipeline.predict_proba(probe), second.pipeline.predict_proba(probe))
 
 
-def test_selects_the_best_cross_validated_macro_f1() -> None:
+def test_selects_by_repeated_cross_validated_macro_f1() -> None:
     result = train(generate(1500, seed=6), candidates=fast_candidates())
-    best = result.cv_table["cv_macro_f1_mean"].max()
-    assert result.cv_table.loc[0, "cv_macro_f1_mean"] == best
-    assert result.selected == result.cv_table.loc[0, "candidate"]
-    assert list(result.cv_table["rank"]) == list(range(1, len(result.cv_table) + 1))
+    table = result.cv_table
+    assert result.selected == table.loc[0, "candidate"] and bool(table.loc[0, "selected"])
+    assert table["selected"].sum() == 1
+    assert list(table["rank"]) == list(range(1, len(table) + 1))
+    best = table["cv_macro_f1_mean"].max()
+    # the selected is the best mean, or a simpler candidate within one (paired) standard error of it
+    if table.loc[0, "cv_macro_f1_mean"] < best:
+        assert "within one standard error" in result.selection_reason
+    # 5 repeats × 5 folds per candidate; the mean and standard error describe those 25 scores
+    assert (table["folds"] == 25).all() and result.cv_repeats == 5
+    scores = result.fold_scores[result.fold_scores["candidate"] == result.selected]["macro_f1"]
+    assert table.loc[0, "cv_macro_f1_mean"] == pytest.approx(scores.mean())
+    assert table.loc[0, "cv_macro_f1_se"] == pytest.approx(scores.std(ddof=1) / 5)
     # the split is stratified 80/20 and holdout metrics describe the test part only
     assert len(result.test_frame) == 300
     assert (
         result.holdout.metrics["support_low_value"]
         == (result.test_frame[schema.LABEL_COLUMN] == "low_value").sum()
     )
+
+
+def test_parallel_folds_give_the_same_scores() -> None:
+    frame = generate(600, seed=8)
+    serial = train(frame, candidates=fast_candidates(), cv_repeats=2)
+    parallel = train(frame, candidates=fast_candidates(), cv_repeats=2, n_jobs=2)
+    columns = ["candidate", "fold", "macro_f1", "balanced_accuracy", "accuracy"]
+    pd.testing.assert_frame_equal(serial.fold_scores[columns], parallel.fold_scores[columns])
+    assert serial.selected == parallel.selected
 
 
 def test_evaluate_reports_per_class_and_confusion() -> None:

@@ -77,7 +77,7 @@ def entries(n: int, *, start: int = 0, ts: float | None = None, version: str = "
                     name: row[name].item() if hasattr(row[name], "item") else row[name]
                     for name in schema.FEATURE_NAMES
                 },
-                "label": row[schema.LABEL_COLUMN],
+                "segment": row[schema.LABEL_COLUMN],
                 "probabilities": {"high_value": 0.1, "low_value": 0.2, "medium_value": 0.7},
                 "latency_ms": 1.5,
             }
@@ -120,10 +120,10 @@ def test_rows_round_trip(backend: Backend) -> None:
     for i, source in enumerate([0, 1, 5]):
         for name in schema.FEATURE_NAMES:
             assert window[name].iloc[i] == ROWS[name].iloc[source], name
-    assert list(window["label"]) == list(ROWS[schema.LABEL_COLUMN].iloc[[0, 1, 5]])
+    assert list(window["segment"]) == list(ROWS[schema.LABEL_COLUMN].iloc[[0, 1, 5]])
     assert window["proba_medium_value"].tolist() == [0.7, 0.7, 0.7]
     assert window["latency_ms"].tolist() == [1.5, 1.5, 1.5]
-    assert window["true_segment"].isna().all()
+    assert window["customer_segment"].isna().all()
 
 
 def test_writes_are_batched_and_submit_is_cheap(backend: Backend) -> None:
@@ -334,7 +334,7 @@ def test_feedback_unknown_ids_duplicates_and_bad_records(backend: Backend) -> No
         assert conn.execute(sa.select(sa.func.count()).select_from(log.feedback)).scalar_one() == 3
     window = log.window()
     keys = window["request_id"] + ":" + window["row_index"].astype(str)
-    truth = dict(zip(keys, window["true_segment"], strict=True))
+    truth = dict(zip(keys, window["customer_segment"], strict=True))
     assert truth["batch-9:1"] == "high_value" and truth["req-3:0"] == "low_value"
     assert truth["req-2:0"] == "medium_value" and truth["req-4:0"] != truth["req-4:0"]  # NaN: no feedback
     labelled = log.window(labelled_only=True)
@@ -424,7 +424,7 @@ def test_feedback_endpoint(trained_home: TrainedHome, tmp_path: Path) -> None:
         assert not_json.status_code == 400
         assert "Traceback" not in invalid.text + unknown.text
     window = PredictionLog(f"sqlite:///{tmp_path / 'api.db'}").window()
-    assert window["true_segment"].tolist() == ["high_value", "low_value"]
+    assert window["customer_segment"].tolist() == ["high_value", "low_value"]
     with app_server(create_app(settings)) as url:  # no prediction log: feedback cannot be stored
         disabled = httpx.post(f"{url}/feedback", json={"request_id": "x", "customer_segment": "low_value"})
         assert disabled.status_code == 503 and "disabled" in disabled.json()["message"]
@@ -615,7 +615,7 @@ def test_feedback_history_latest_wins_and_server_time(backend: Backend) -> None:
         "medium_value",
         "low_value",
     ]
-    truth = dict(zip(log.window()["request_id"], log.window()["true_segment"], strict=True))
+    truth = dict(zip(log.window()["request_id"], log.window()["customer_segment"], strict=True))
     assert truth["req-0"] == "high_value" and truth["req-1"] == "low_value"
     labelled = log.window(labelled_only=True)
     assert sorted(labelled["request_id"]) == ["req-0", "req-1"]
@@ -663,7 +663,7 @@ def test_existing_tables_are_upgraded(backend: Backend) -> None:
         log.start()
         log.submit(entries(2))
         assert log.flush(timeout=30) and log.written == 2
-        assert log.window()["true_segment"].tolist()[0] == "low_value"
+        assert log.window()["customer_segment"].tolist()[0] == "low_value"
         assert log.feedback_history(customer_id="C0")["source"].tolist() == ["migrated"]
         log.close()
     finally:

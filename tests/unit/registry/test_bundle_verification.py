@@ -19,6 +19,7 @@ from custseg import schema
 from custseg.core.generator import generate
 from custseg.errors import ModelLoadError, ModelNotFoundError
 from custseg.registry.client import connect, download_bundle, load_scorer, resolve
+from custseg.scoring.forest import FOREST_FILE
 from custseg.scoring.scorer import BUNDLE_FILE, PIPELINE_FILE, SKOPS_TRUSTED_TYPES, Scorer
 from custseg.scoring.verification import DIGESTS_TAG, MODEL_CONFIG_KEY, bundle_digests, decode_digests
 from custseg.settings import Settings
@@ -130,8 +131,9 @@ def test_a_type_the_old_prefixes_allowed_is_refused_by_name(clean_bundle: Path) 
     from sklearn.utils import shuffle
 
     sio.dump(FunctionTransformer(func=shuffle), clean_bundle / PIPELINE_FILE)
+    (clean_bundle / FOREST_FILE).unlink()  # no ONNX and no compiled forest: only the pipeline is left
     meta = json.loads((clean_bundle / BUNDLE_FILE).read_text())
-    meta.update(onnx=False, skops_trusted_types=["sklearn.utils._indexing.shuffle"])  # the bundle's word
+    meta.update(onnx=False, forest=False, skops_trusted_types=["sklearn.utils._indexing.shuffle"])
     (clean_bundle / BUNDLE_FILE).write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match=r"sklearn\.utils\._indexing\.shuffle"):
         Scorer.from_bundle(clean_bundle, allow_pipeline=True)
@@ -141,6 +143,11 @@ def test_the_pipeline_serves_only_with_consent(clean_bundle: Path) -> None:
     (clean_bundle / "model.onnx").unlink()
     meta = json.loads((clean_bundle / BUNDLE_FILE).read_text())
     (clean_bundle / BUNDLE_FILE).write_text(json.dumps({**meta, "onnx": False}))
+    # without ONNX, the compiled forest is the engine (boosted trees are served this way)...
+    assert Scorer.from_bundle(clean_bundle).backend == "forest"
+    # ...and without either, only the operator's consent loads the pipeline
+    (clean_bundle / FOREST_FILE).unlink()
+    (clean_bundle / BUNDLE_FILE).write_text(json.dumps({**meta, "onnx": False, "forest": False}))
     with pytest.raises(ModelLoadError, match="no ONNX graph"):
         Scorer.from_bundle(clean_bundle)
     scorer = Scorer.from_bundle(clean_bundle, allow_pipeline=True)

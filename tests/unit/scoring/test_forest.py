@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.ensemble import ExtraTreesClassifier, GradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
 from custseg import schema
@@ -90,10 +91,11 @@ def test_the_kernel_is_built() -> None:
     )
 
 
-def test_models_other_than_forests_are_not_compiled(training: pd.DataFrame) -> None:
-    boosted = build_pipeline(GradientBoostingClassifier(n_estimators=5, random_state=0))
-    boosted.fit(training[FEATURES], training[schema.LABEL_COLUMN])
-    assert compile_pipeline(boosted) is None
+def test_models_other_than_tree_ensembles_are_not_compiled(training: pd.DataFrame) -> None:
+    # Boosted trees are compiled too (tests/unit/scoring/test_forest_boosting.py); a linear model is not.
+    linear = build_pipeline(LogisticRegression(max_iter=200))
+    linear.fit(training[FEATURES], training[schema.LABEL_COLUMN])
+    assert compile_pipeline(linear) is None
 
 
 def test_a_saved_forest_loads_and_answers_the_same(training: pd.DataFrame, tmp_path: Path) -> None:
@@ -159,7 +161,7 @@ def test_the_kernel_checks_its_arrays_itself(training: pd.DataFrame) -> None:
         _forest.walk(matrix, nodes, values, forest.roots, forest.depths, np.empty((10, 6))[:, ::2])
 
 
-def test_bundles_keep_a_forest_only_for_forests(training: pd.DataFrame, tmp_path: Path) -> None:
+def test_bundles_keep_compiled_trees_only_for_tree_ensembles(training: pd.DataFrame, tmp_path: Path) -> None:
     check = generate(50, seed=8)
     parity = {"fresh": generate(2_000, seed=9)}
     forest_meta = write_bundle(tmp_path / "rf", fitted("rf_default", training), check, parity)
@@ -172,11 +174,18 @@ def test_bundles_keep_a_forest_only_for_forests(training: pd.DataFrame, tmp_path
     boosted = build_pipeline(GradientBoostingClassifier(n_estimators=5, random_state=0))
     boosted.fit(training[FEATURES], training[schema.LABEL_COLUMN])
     boosted_meta = write_bundle(tmp_path / "gb", boosted, check, parity)
-    assert boosted_meta["forest"] is False and not (tmp_path / "gb" / FOREST_FILE).exists()
+    assert boosted_meta["forest"] is True and (tmp_path / "gb" / FOREST_FILE).exists()
+    assert boosted_meta["forest_parity"]["fresh"]["max_probability_gap"] <= 1e-9  # softmax: not bit for bit
+    linear = build_pipeline(LogisticRegression(max_iter=500))
+    linear.fit(training[FEATURES], training[schema.LABEL_COLUMN])
+    linear_meta = write_bundle(tmp_path / "lr", linear, check, parity)
+    assert linear_meta["forest"] is False and not (tmp_path / "lr" / FOREST_FILE).exists()
+    assert linear_meta["engine"] == "onnx"
 
     assert Scorer.from_bundle(tmp_path / "rf", compiled=True).backend == "forest"
-    assert Scorer.from_bundle(tmp_path / "rf").backend == "onnx"  # the API's engine is unchanged
-    assert Scorer.from_bundle(tmp_path / "gb", compiled=True).backend == "onnx"
+    assert Scorer.from_bundle(tmp_path / "rf").backend == "onnx"  # with a graph, the API's engine is ONNX
+    assert Scorer.from_bundle(tmp_path / "gb", compiled=True).backend == "forest"
+    assert Scorer.from_bundle(tmp_path / "lr", compiled=True).backend == "onnx"
 
 
 def test_a_forest_that_fails_its_check_rows_is_not_used(training: pd.DataFrame, tmp_path: Path) -> None:

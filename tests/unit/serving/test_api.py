@@ -422,8 +422,8 @@ def test_metrics_count_routes_statuses_latency_classes_and_model(trained_home: T
     assert m[("custseg_http_request_duration_seconds_count", latency)] == 3
     assert m[("custseg_http_request_duration_seconds_bucket", (("le", "+Inf"), *latency))] == 3
     assert 0 < m[("custseg_http_request_duration_seconds_sum", latency)] < 3
-    assert m[("custseg_predictions_total", (("label", "medium_value"),))] == 4
-    assert m[("custseg_predictions_total", (("label", "high_value"),))] == 2
+    assert m[("custseg_predictions_total", (("segment", "medium_value"),))] == 4
+    assert m[("custseg_predictions_total", (("segment", "high_value"),))] == 2
     version = trained_home.registration.model.version
     info = (("backend", "onnx"), ("name", "customer-segments"), ("version", version))
     assert m[("custseg_model_info", info)] == 1

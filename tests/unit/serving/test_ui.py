@@ -167,11 +167,12 @@ def test_models_page_shows_the_served_version_and_aliases(client: TestClient) ->
     assert page.by_id["model-aliases"] == ", ".join(model["aliases"])
 
 
-@pytest.mark.parametrize("name", ["upload", "segments", "monitoring"])
-def test_pages_not_built_yet_say_so(client: TestClient, name: str) -> None:
-    response = client.get(f"/ui/{name}")
+def test_every_page_is_built_and_the_monitoring_page_explains_an_empty_log(client: TestClient) -> None:
+    assert pages.PLACEHOLDERS == {}
+    response = client.get("/ui/monitoring")
     assert response.status_code == 200
-    assert "This page is not built yet" in response.text
+    assert "This page is not built yet" not in response.text
+    assert 'id="monitoring-empty"' in response.text and "prediction log is turned off" in response.text
 
 
 def test_navigation_links_every_page(client: TestClient) -> None:

@@ -186,8 +186,8 @@ def test_false_alarm_rate_over_seeds_is_low(reference: tuple[pd.DataFrame, dict]
 def test_realised_performance_from_true_segments() -> None:
     window = pd.DataFrame(
         {
-            "label": ["high_value", "medium_value", "medium_value", "low_value", "medium_value"],
-            "true_segment": ["high_value", "medium_value", "low_value", "low_value", None],
+            "segment": ["high_value", "medium_value", "medium_value", "low_value", "medium_value"],
+            "customer_segment": ["high_value", "medium_value", "low_value", "low_value", None],
         }
     )
     perf = realised_performance(window)
@@ -205,8 +205,8 @@ def test_daily_performance_splits_by_utc_day() -> None:
     window = pd.DataFrame(
         {
             "ts": [day1 + 10, day1 + 86_399, day2 + 5, day2 + 6, day2 + 7],
-            "label": ["high_value", "medium_value", "low_value", "low_value", "medium_value"],
-            "true_segment": ["high_value", "high_value", "low_value", None, "medium_value"],
+            "segment": ["high_value", "medium_value", "low_value", "low_value", "medium_value"],
+            "customer_segment": ["high_value", "high_value", "low_value", None, "medium_value"],
         }
     )
     daily = daily_performance(window)
@@ -214,7 +214,7 @@ def test_daily_performance_splits_by_utc_day() -> None:
     assert daily["n_feedback"].tolist() == [2.0, 2.0]
     assert daily["accuracy"].tolist() == [0.5, 1.0]
     assert daily["recall_high_value"].iloc[0] == 0.5
-    assert daily_performance(window.assign(true_segment=None)).empty
+    assert daily_performance(window.assign(customer_segment=None)).empty
 
 
 # -- the monitor command on a file -----------------------------------------------------------------

@@ -1,0 +1,262 @@
+"""The dashboard's queries on the prediction log: aggregates per time bucket, computed by the database.
+
+The web app's Monitoring and Models pages read the log through these functions (SQLAlchemy Core on the
+tables of :mod:`custseg.predlog.tables`, the same on SQLite and PostgreSQL): rows, requests and latency
+per bucket, the segment mix per bucket, the confusion counts of predictions that have feedback (per
+bucket or per model version), and a bounded random sample of rows for the per-bucket drift statistics.
+Every aggregate is a ``GROUP BY`` on the bucket of the indexed ``ts`` column, so a page reads a few
+hundred numbers, never the million rows behind them. Each function takes an open connection and the
+log's :class:`~custseg.predlog.tables.Tables`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from custseg import schema
+from custseg.predlog.tables import FEEDBACK_COLUMN, PREDICTED_COLUMN, Tables
+
+SAMPLE_BLOCK = 20
+"""Consecutive ids per block of a sample (see :func:`sample`)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A time window ``[since, until)`` in epoch seconds, cut into buckets of ``bucket`` seconds."""
+
+    since: float
+    until: float
+    bucket: float
+
+    def starts(self) -> list[float]:
+        """Every bucket's start, oldest first (aligned on multiples of ``bucket``, like the queries)."""
+        first = int(self.since // self.bucket)
+        last = math.ceil(self.until / self.bucket) - 1
+        return [i * self.bucket for i in range(first, last + 1)]
+
+
+def segment_column(tables: Tables) -> sa.Column[Any]:
+    """The predictions column holding the predicted segment (``tables.PREDICTED_COLUMN``: ``segment``)."""
+    return tables.predictions.c[PREDICTED_COLUMN]
+
+
+def bucket_of(conn: sa.Connection, column: sa.ColumnElement[Any], bucket: float) -> sa.ColumnElement[Any]:
+    """floor(column / bucket) as an integer: SQLite's CAST truncates (timestamps are positive, so it
+    floors); PostgreSQL's CAST rounds, hence FLOOR there."""
+    ratio = column / sa.literal(float(bucket), sa.Double)
+    if conn.dialect.name == "sqlite":
+        return sa.cast(ratio, sa.BigInteger)
+    return sa.cast(sa.func.floor(ratio), sa.BigInteger)
+
+
+def _in_span(column: sa.ColumnElement[Any], span: Span) -> sa.ColumnElement[bool]:
+    return sa.and_(column >= span.since, column < span.until)
+
+
+def traffic(conn: sa.Connection, tables: Tables, span: Span) -> pd.DataFrame:
+    """Per bucket and model version: rows answered, requests (rows with ``row_index`` 0), mean and
+    largest logged latency in milliseconds. Columns: ``start, model_version, rows, requests,
+    latency_mean_ms, latency_max_ms``."""
+    p = tables.predictions
+    bucket = bucket_of(conn, p.c.ts, span.bucket).label("b")
+    query = (
+        sa.select(
+            bucket,
+            p.c.model_version,
+            sa.func.count().label("rows"),
+            sa.func.sum(sa.case((p.c.row_index == 0, 1), else_=0)).label("requests"),
+            sa.func.avg(p.c.latency_ms).label("latency_mean_ms"),
+            sa.func.max(p.c.latency_ms).label("latency_max_ms"),
+        )
+        .where(_in_span(p.c.ts, span))
+        .group_by(bucket, p.c.model_version)
+        .order_by(bucket, p.c.model_version)
+    )
+    frame = _frame(
+        conn, query, ["b", "model_version", "rows", "requests", "latency_mean_ms", "latency_max_ms"]
+    )
+    return _with_start(frame, span)
+
+
+def segment_mix(conn: sa.Connection, tables: Tables, span: Span) -> pd.DataFrame:
+    """Rows per bucket and predicted segment. Columns: ``start, segment, rows``."""
+    p = tables.predictions
+    segment = segment_column(tables)
+    bucket = bucket_of(conn, p.c.ts, span.bucket).label("b")
+    query = (
+        sa.select(bucket, segment.label("segment"), sa.func.count().label("rows"))
+        .where(_in_span(p.c.ts, span))
+        .group_by(bucket, segment)
+        .order_by(bucket, segment)
+    )
+    return _with_start(_frame(conn, query, ["b", "segment", "rows"]), span)
+
+
+def top_id(conn: sa.Connection, tables: Tables) -> int:
+    """The newest prediction's id (0 for an empty log): ids only grow, so rows above an id seen
+    earlier are exactly the rows logged since, whatever their ``ts``."""
+    return int(conn.execute(sa.select(sa.func.max(tables.predictions.c.id))).scalar() or 0)
+
+
+ROLLUP_COLUMNS = [
+    "start",
+    "model_version",
+    "segment",
+    "rows",
+    "requests",
+    "latency_sum",
+    "latency_count",
+    "latency_max",
+]
+
+
+def rollup(
+    conn: sa.Connection, tables: Tables, bucket: float, *, since: float | None, after_id: int, up_to_id: int
+) -> pd.DataFrame:
+    """Additive aggregates per bucket, model version and segment of the rows with ``after_id < id <=
+    up_to_id`` (and ``ts >= since`` when given): rows, requests, latency sum, count and maximum, so
+    that aggregates of successive id ranges can be added together (:data:`ROLLUP_COLUMNS`)."""
+    p = tables.predictions
+    segment = segment_column(tables)
+    key = bucket_of(conn, p.c.ts, bucket).label("b")
+    where = [p.c.id > after_id, p.c.id <= up_to_id]
+    if since is not None:
+        where.append(p.c.ts >= since)
+    query = (
+        sa.select(
+            key,
+            p.c.model_version,
+            segment,
+            sa.func.count(),
+            sa.func.sum(sa.case((p.c.row_index == 0, 1), else_=0)),
+            sa.func.sum(p.c.latency_ms),
+            sa.func.count(p.c.latency_ms),
+            sa.func.max(p.c.latency_ms),
+        )
+        .where(sa.and_(*where))
+        .group_by(key, p.c.model_version, segment)
+    )
+    frame = _frame(conn, query, ["b", *ROLLUP_COLUMNS[1:]])
+    frame.insert(0, "start", frame.pop("b").astype("float64") * bucket)
+    for name in ("rows", "requests", "latency_count"):
+        frame[name] = frame[name].astype("int64")
+    for name in ("latency_sum", "latency_max"):
+        frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
+    return frame
+
+
+def _latest_feedback(tables: Tables) -> sa.Select[Any]:
+    """The latest true segment per feedback key (the history is append-only; the highest id wins)."""
+    fb = tables.feedback
+    newest = sa.select(sa.func.max(fb.c.id)).group_by(fb.c.feedback_key)
+    return sa.select(fb.c.request_id, fb.c.row_index, fb.c.customer_id, fb.c[FEEDBACK_COLUMN]).where(
+        fb.c.id.in_(newest)
+    )
+
+
+def confusion(conn: sa.Connection, tables: Tables, span: Span | None, by: str = "bucket") -> pd.DataFrame:
+    """Counts of (predicted, true) segment pairs over the predictions that have feedback, per bucket
+    (``by="bucket"``, column ``start``) or per model version (``by="model_version"``), like
+    ``custseg monitor``: feedback for a request row wins over feedback for its customer.
+
+    The query starts from the feedback (far fewer rows than predictions) and reaches the predictions
+    through their unique (request_id, row_index) key and the customer_id index. Columns:
+    ``start`` or ``model_version``, ``segment`` (predicted), ``customer_segment`` (true), ``rows``."""
+    p = tables.predictions
+    predicted = segment_column(tables)
+    latest = _latest_feedback(tables)
+    by_request = latest.where(tables.feedback.c.request_id.is_not(None)).subquery("fb_request")
+    by_customer = latest.where(tables.feedback.c.customer_id.is_not(None)).subquery("fb_customer")
+    if by == "bucket":
+        if span is None:
+            raise ValueError("confusion per bucket needs a span")
+        key: sa.ColumnElement[Any] = bucket_of(conn, p.c.ts, span.bucket).label("b")
+    else:
+        key = p.c.model_version.label("b")
+    window = _in_span(p.c.ts, span) if span is not None else sa.true()
+    from_request = (
+        sa.select(key, predicted.label(PREDICTED_COLUMN), by_request.c[FEEDBACK_COLUMN], sa.func.count())
+        .select_from(
+            by_request.join(
+                p, sa.and_(p.c.request_id == by_request.c.request_id, p.c.row_index == by_request.c.row_index)
+            )
+        )
+        .where(window)
+        .group_by(key, predicted, by_request.c[FEEDBACK_COLUMN])
+    )
+    has_request_feedback = (
+        sa.select(sa.literal(1))
+        .select_from(by_request)
+        .where(sa.and_(by_request.c.request_id == p.c.request_id, by_request.c.row_index == p.c.row_index))
+        .exists()
+    )
+    from_customer = (
+        sa.select(key, predicted.label(PREDICTED_COLUMN), by_customer.c[FEEDBACK_COLUMN], sa.func.count())
+        .select_from(by_customer.join(p, p.c.customer_id == by_customer.c.customer_id))
+        .where(sa.and_(window, sa.not_(has_request_feedback)))
+        .group_by(key, predicted, by_customer.c[FEEDBACK_COLUMN])
+    )
+    names = ["b", PREDICTED_COLUMN, FEEDBACK_COLUMN, "rows"]
+    parts = [_frame(conn, q, names) for q in (from_request, from_customer)]
+    frame = pd.concat(parts, ignore_index=True) if any(len(f) for f in parts) else parts[0]
+    frame = frame.groupby(names[:-1], as_index=False)["rows"].sum()
+    frame["rows"] = frame["rows"].astype("int64")
+    if by == "bucket":
+        assert span is not None
+        return _with_start(frame, span)
+    return frame.rename(columns={"b": "model_version"})
+
+
+def sample(conn: sa.Connection, tables: Tables, span: Span, limit: int, seed: int = 0) -> pd.DataFrame:
+    """About ``limit`` rows of the window drawn at random (seeded, so a page redrawn over the same rows
+    shows the same numbers): ``ts``, the features, ``segment``, ``model_version``, ``latency_ms``.
+
+    The window's first and last ids come from the ``ts`` index (two ``ORDER BY ts LIMIT 1``); then
+    ``limit / SAMPLE_BLOCK`` blocks of ``SAMPLE_BLOCK`` consecutive ids are drawn in that range and read
+    as primary-key ranges, so the cost does not grow with the window (ranges read several times faster
+    than as many single ids). Rows logged out of ``ts`` order (a replayed spool) outside that id range
+    are not drawn."""
+    p = tables.predictions
+    columns = [p.c.ts, *[p.c[f.name] for f in schema.FEATURES], segment_column(tables).label("segment")]
+    columns += [p.c.model_version, p.c.latency_ms]
+    names = ["ts", *schema.FEATURE_NAMES, "segment", "model_version", "latency_ms"]
+    window = _in_span(p.c.ts, span)
+    first = conn.execute(sa.select(p.c.id).where(window).order_by(p.c.ts).limit(1)).scalar()
+    last = conn.execute(sa.select(p.c.id).where(window).order_by(p.c.ts.desc()).limit(1)).scalar()
+    if first is None or last is None:
+        return pd.DataFrame({name: [] for name in names})
+    low, high = min(first, last), max(first, last)
+    if high - low < 2 * limit:  # a small window: read it whole, then draw rows
+        frame = _frame(conn, sa.select(*columns).where(p.c.id.between(low, high)), names)
+        frame = frame[(frame["ts"] >= span.since) & (frame["ts"] < span.until)]
+        if len(frame) > limit:
+            frame = frame.sample(limit, random_state=seed % 2**32)
+        return frame.sort_values("ts").reset_index(drop=True)
+    blocks = range(low, high + 1, SAMPLE_BLOCK)
+    starts = sorted(random.Random(seed).sample(blocks, max(limit // SAMPLE_BLOCK, 1)))
+    # UNION ALL of ranges: each part is a primary-key seek (an OR of ranges may become a table scan)
+    query = sa.union_all(
+        *[sa.select(*columns).where(p.c.id.between(a, a + SAMPLE_BLOCK - 1)) for a in starts]
+    )
+    frame = _frame(conn, query, names)  # type: ignore[arg-type]
+    inside = (frame["ts"] >= span.since) & (frame["ts"] < span.until)
+    return frame[inside].reset_index(drop=True)
+
+
+def _frame(conn: sa.Connection, query: sa.Select[Any], names: list[str], params: Any = None) -> pd.DataFrame:
+    """A query's rows as a frame, built column by column (much faster than from row objects)."""
+    rows = conn.execute(query, params).fetchall()
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(names)
+    return pd.DataFrame({name: list(values) for name, values in zip(names, columns, strict=True)})
+
+
+def _with_start(frame: pd.DataFrame, span: Span) -> pd.DataFrame:
+    """Replace the bucket number ``b`` with the bucket's start ``start`` (epoch seconds)."""
+    frame.insert(0, "start", frame.pop("b").astype("float64") * span.bucket)
+    return frame
