@@ -230,18 +230,21 @@ def explain_rows(
     for row in range(n):
         row_reasons = []
         for index, contribution in zip(top[row].tolist(), chosen[row], strict=True):
-            feature, value = names[index], values[index][row]
-            row_reasons.append(
-                Reason(
-                    code=reason_code(feature, contribution),
-                    feature=feature,
-                    value=value,
-                    contribution=contribution,
-                    text=reason_text(feature, value, contribution),
-                )
-            )
+            feature = names[index]
+            row_reasons.append(_reason(feature, values[index][row], contribution))
         out.append(SegmentExplanation(str(segments[row]), bases[row], row_reasons))
     return out
+
+
+def _reason(feature: str, value: float | int | str, contribution: float) -> Reason:
+    """One reason: its stable code, the customer's value and the plain sentence (both row paths)."""
+    return Reason(
+        code=reason_code(feature, contribution),
+        feature=feature,
+        value=value,
+        contribution=contribution,
+        text=reason_text(feature, value, contribution),
+    )
 
 
 def _few_rows(
@@ -262,15 +265,7 @@ def _few_rows(
         for index in order:
             feature, contribution = names[index], values[index]
             value = _display_value(index, np.asarray(columns[feature]).item(row))
-            row_reasons.append(
-                Reason(
-                    code=reason_code(feature, contribution),
-                    feature=feature,
-                    value=value,
-                    contribution=contribution,
-                    text=reason_text(feature, value, contribution),
-                )
-            )
+            row_reasons.append(_reason(feature, value, contribution))
         out.append(SegmentExplanation(str(segments[row]), bases[row], row_reasons))
     return out
 

@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -24,20 +23,10 @@ from custseg.serving.app import create_app
 from custseg.settings import Settings
 from custseg.workflows.batch import score_file
 from custseg.workflows.segments import customer_history, export_moves, segment_moves, segment_sizes
+from tests.integration.serving.conftest import ui_settings
 from tests.integration.serving.test_server import ServingHome
 
 EARLIER, LATER = "2026-11-01", "2026-12-01"
-
-
-def _settings(home: Path, **overrides: Any) -> Settings:
-    values = {
-        "home": home,
-        "tracking_uri": None,
-        "model_poll_seconds": 0,
-        "trusted_hosts": "testserver",
-        "prediction_log_enabled": False,
-    }
-    return Settings(**(values | overrides))
 
 
 def two_months(rows: int = 400) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -66,7 +55,7 @@ def recorded(
     serving_home: ServingHome, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, Settings]]:
     tmp = tmp_path_factory.mktemp("ui-segments")
-    settings = _settings(serving_home.home, snapshots_uri=str(tmp / "snapshots"))
+    settings = ui_settings(serving_home.home, snapshots_uri=str(tmp / "snapshots"))
     with TestClient(create_app(settings)) as client:
         earlier, later = two_months()
         record(client, settings, EARLIER, earlier, tmp)
@@ -81,7 +70,7 @@ def cell_text(page: str, element_id: str) -> str:
 
 
 def test_no_snapshot_yet_says_how_to_record_one(serving_home: ServingHome, tmp_path: Path) -> None:
-    settings = _settings(serving_home.home, snapshots_uri=str(tmp_path / "none"))
+    settings = ui_settings(serving_home.home, snapshots_uri=str(tmp_path / "none"))
     with TestClient(create_app(settings)) as client:
         page = client.get("/ui/segments")
     assert page.status_code == 200
@@ -194,7 +183,7 @@ def test_export_of_changed_customers_is_a_csv_download(
 
 
 def test_with_keys_the_page_needs_a_session(serving_home: ServingHome) -> None:
-    settings = _settings(serving_home.home, api_keys="all-key-123456")
+    settings = ui_settings(serving_home.home, api_keys="all-key-123456")
     with TestClient(create_app(settings)) as keyed:
         answer = keyed.get("/ui/segments", follow_redirects=False)
         assert answer.status_code == 303 and answer.headers["location"] == "/ui/sign-in"

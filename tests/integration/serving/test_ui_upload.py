@@ -21,26 +21,15 @@ from custseg.core.generator import generate
 from custseg.schema import FEATURE_NAMES
 from custseg.serving.app import create_app
 from custseg.serving.ui import upload
-from custseg.settings import Settings
+from tests.integration.serving.conftest import ui_settings
 from tests.integration.serving.test_server import CUSTSEG, ServingHome
 
 CSRF = re.compile(r'data-csrf="([^"]+)"')
 
 
-def _settings(home: Path, **overrides: Any) -> Settings:
-    values = {
-        "home": home,
-        "tracking_uri": None,
-        "model_poll_seconds": 0,
-        "trusted_hosts": "testserver",
-        "prediction_log_enabled": False,
-    }
-    return Settings(**(values | overrides))
-
-
 @pytest.fixture(scope="module")
 def client(serving_home: ServingHome) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(serving_home.home))) as test_client:
+    with TestClient(create_app(ui_settings(serving_home.home))) as test_client:
         yield test_client
 
 
@@ -172,7 +161,7 @@ def test_only_the_session_that_uploaded_sees_the_job_and_its_files(
     client: TestClient, serving_home: ServingHome
 ) -> None:
     url = upload_and_wait(client, customers_csv(20))
-    with TestClient(create_app(_settings(serving_home.home))) as other:
+    with TestClient(create_app(ui_settings(serving_home.home))) as other:
         other.get("/ui/upload")  # a session of its own
         for path in (url, f"{url}/scored.csv", f"{url}/rejects.csv"):
             answer = other.get(path)
@@ -186,7 +175,7 @@ def test_only_the_session_that_uploaded_sees_the_job_and_its_files(
 
 def test_jobs_are_deleted_after_their_ttl(client: TestClient, serving_home: ServingHome) -> None:
     url = upload_and_wait(client, customers_csv(20))
-    settings = _settings(serving_home.home)
+    settings = ui_settings(serving_home.home)
     folder = upload.uploads_root(settings) / url.rsplit("/", 1)[-1]
     assert (folder / upload.SCORED_FILE).is_file()
     assert not (folder / "input.csv").exists()  # the upload itself is deleted once scored
@@ -256,7 +245,7 @@ def test_the_form_needs_its_csrf_token(client: TestClient) -> None:
 
 
 def test_a_file_over_the_limit_is_refused_with_413(serving_home: ServingHome) -> None:
-    settings = _settings(serving_home.home, ui_upload_max_mb=1, max_body_bytes=1000)
+    settings = ui_settings(serving_home.home, ui_upload_max_mb=1, max_body_bytes=1000)
     with TestClient(create_app(settings)) as small:
         big = b"x" * (2**20 + 1)
         answer = send(small, big)
@@ -283,7 +272,7 @@ def test_a_file_over_the_limit_is_refused_with_413(serving_home: ServingHome) ->
 
 
 def test_with_keys_uploading_needs_the_scoring_scope(serving_home: ServingHome) -> None:
-    settings = _settings(serving_home.home, api_keys="all-key-123456", feedback_keys="fb-key-123456")
+    settings = ui_settings(serving_home.home, api_keys="all-key-123456", feedback_keys="fb-key-123456")
     with TestClient(create_app(settings)) as keyed:
         refused = keyed.post("/ui/upload", params={"name": "c.csv"}, content=b"x", follow_redirects=False)
         assert refused.status_code == 303 and refused.headers["location"] == "/ui/sign-in"
