@@ -90,8 +90,10 @@ def train(
 
     decision = registration.decision
     meta = registration.bundle_meta
-    onnx = (
-        "ONNX Runtime"
+    engine = (
+        "custseg's compiled tree kernel (API and batches); ONNX Runtime for Azure and the MLflow pyfunc"
+        if meta["onnx"] and meta.get("forest")
+        else "ONNX Runtime"
         if meta["onnx"]
         else "custseg's compiled tree kernel on every path: API, batch, Spark, Azure, MLflow pyfunc "
         "(ONNX cannot represent this model)"
@@ -99,8 +101,7 @@ def train(
         else "[red]scikit-learn (ONNX export or parity failed)[/]"
     )
     console.print(f"logged run {registration.run_id} (experiment {registration.experiment_id})")
-    batch = "; batches by the compiled tree kernel" if meta["onnx"] and meta.get("forest") else ""
-    console.print(f"registered {settings.model_name} version {decision.version}, served by {onnx}{batch}")
+    console.print(f"registered {settings.model_name} version {decision.version}, served by {engine}")
     console.print(explainer_summary(registration.bundle_meta.get("explainer") or {}), highlight=False)
     colour = "green" if decision.alias == "champion" else "yellow"
     console.print(f"[{colour}]alias {decision.alias}[/]: {escape(decision.reason)}")

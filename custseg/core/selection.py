@@ -77,12 +77,14 @@ def _fit_and_score(
 ) -> tuple[dict[str, float], float]:
     train, test = fold
     started = time.perf_counter()
-    # folds are the unit of parallelism: one OpenMP thread per fit (HistGradientBoosting would otherwise
-    # start a thread per core in every worker, and spin-wait when the cores are busy)
+    # folds are the unit of parallelism: one OpenMP thread per fit and per prediction (HistGradientBoosting
+    # would otherwise start a thread per core in every worker, and spin-wait when the cores are busy; its
+    # predict alone, left unlimited, doubled a training run on the loaded machine)
     with threadpool_limits(limits=1, user_api="openmp"):
         pipeline = clone(pipeline).fit(x.iloc[train], y[train])
-    seconds = time.perf_counter() - started
-    return fold_scores(y[test], pipeline.predict(x.iloc[test])), seconds
+        seconds = time.perf_counter() - started
+        predicted = pipeline.predict(x.iloc[test])
+    return fold_scores(y[test], predicted), seconds
 
 
 def score_candidates(

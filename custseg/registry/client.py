@@ -218,12 +218,17 @@ def resolve(settings: Settings, model_uri: str | None = None) -> ModelRef:
     return _to_ref(client, mv)
 
 
-def load_scorer(settings: Settings, model_uri: str | None = None) -> tuple[Scorer, ModelRef]:
-    """Resolve a model URI, download and verify its bundle and load it (ONNX Runtime)."""
+def load_scorer(
+    settings: Settings, model_uri: str | None = None, *, compiled: bool = False
+) -> tuple[Scorer, ModelRef]:
+    """Resolve a model URI, download and verify its bundle and load it: ONNX Runtime, or with
+    ``compiled`` (the API) the compiled forest when the bundle has one (`Scorer.from_bundle`)."""
     ref = resolve(settings, model_uri)
     with tempfile.TemporaryDirectory(prefix="custseg-model-") as tmp:
         folder = download_bundle(ref, Path(tmp), allow_unverified=settings.allow_unverified_bundles)
-        scorer = Scorer.from_bundle(folder, allow_pipeline=settings.allow_pipeline_fallback)
+        scorer = Scorer.from_bundle(
+            folder, compiled=compiled, allow_pipeline=settings.allow_pipeline_fallback
+        )
     return scorer, ref
 
 

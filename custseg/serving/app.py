@@ -24,6 +24,7 @@ from custseg.serving.metrics import ApiMetrics
 from custseg.serving.middleware import ApiMiddleware
 from custseg.serving.openapi import DESCRIPTION, install_openapi
 from custseg.serving.routes import add_routes
+from custseg.serving.routes.scoring import DIRECT_ROUTES
 from custseg.serving.ui import models_page as models_pages
 from custseg.serving.ui import monitoring as monitoring_pages
 from custseg.serving.ui import segments as segments_pages
@@ -60,7 +61,7 @@ def create_app(
     for exc_class in HANDLED:
         app.add_exception_handler(exc_class, handle_error)
     install_openapi(app)
-    app.add_middleware(ApiMiddleware, settings=settings, metrics=app.state.metrics)
+    app.add_middleware(ApiMiddleware, settings=settings, metrics=app.state.metrics, direct=DIRECT_ROUTES)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -104,7 +104,7 @@ class ModelHolder:
         if time.monotonic() < self._rejected.get(ref.uri, 0.0):
             return  # refused recently: do not download and check it again on every poll
         try:
-            scorer, loaded_ref = await asyncio.to_thread(load_scorer, self.settings, ref.uri)
+            scorer, loaded_ref = await asyncio.to_thread(load_scorer, self.settings, ref.uri, compiled=True)
         except RegistryUnavailableError as exc:  # not the version's fault: try again next poll
             self.registry_problem = str(exc)
             logger.warning("%s", exc)

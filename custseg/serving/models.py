@@ -277,8 +277,8 @@ class ModelDetails(BaseModel):
     loaded_at: str
     aliases: list[str]
     backend: str = Field(
-        description="onnx (ONNX Runtime); forest (custseg's compiled tree kernel: models ONNX cannot "
-        "represent, such as HistGradientBoosting, are served by it on every path); or sklearn (fallback)."
+        description="forest (custseg's compiled tree kernel: every tree model custseg trains); onnx (ONNX "
+        "Runtime: a model without a compiled form); or sklearn (fallback)."
     )
     classes: list[str]
     holdout_metrics: dict[str, float]

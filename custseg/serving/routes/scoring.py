@@ -1,7 +1,8 @@
 """POST /predict and /score: one customer or a batch in, segments and probabilities out (and, with
 ``?explain=K``, the top K reasons of each segment).
 
-The fast path of the API: the body is read raw and validated in one pass (``parsing.parse_records``),
+The fast path of the API (the middleware calls ``score`` without the router, see ``DIRECT_ROUTES``):
+the body is read raw and validated in one pass (``parsing.parse_records``),
 the ONNX inputs are built straight from the records, and the answer is written with orjson. The route
 reads its state with ``get_scoring_context(request)`` itself rather than as a FastAPI dependency (the
 resolver costs ~14 us a request on this path). ``/score`` is the Azure ML prototype's path and answers
@@ -127,10 +128,16 @@ def prediction_body(
     return body
 
 
+SCORING_PATHS = ("/predict", "/score")
+DIRECT_ROUTES = dict.fromkeys(SCORING_PATHS, score)
+"""What the middleware hands POSTs of these paths to without the router (`ApiMiddleware`'s ``direct``)."""
+
+
 def add_routes(app: FastAPI, settings: Settings) -> None:
     """Both scoring paths; the batch cap is the one the document declares (maxItems)."""
     max_rows = settings.max_batch_rows
-    for path, operation_id in (("/predict", "predict"), ("/score", "score")):
+    for path in SCORING_PATHS:
+        operation_id = path.removeprefix("/")
         which = "`/score` is the Azure ML prototype's path; it" if path == "/score" else "It"
         app.add_api_route(
             path,

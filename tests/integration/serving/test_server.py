@@ -246,11 +246,11 @@ def test_hot_swap_under_load_fails_no_request(serving_home: ServingHome, started
     assert httpx.get(f"{started.url}/model", timeout=5).json()["version"] == new_version
     metrics = started.metrics()
     assert metrics[("custseg_model_swaps_total", ())] == swaps_before + 1
-    info = (("backend", "onnx"), ("name", MODEL), ("version", new_version))
+    info = (("backend", "forest"), ("name", MODEL), ("version", new_version))
     assert metrics[("custseg_model_info", info)] == 1
-    old_info = ("custseg_model_info", (("backend", "onnx"), ("name", MODEL), ("version", old_version)))
+    old_info = ("custseg_model_info", (("backend", "forest"), ("name", MODEL), ("version", old_version)))
     assert old_info not in metrics
-    swapped = f"serving {MODEL} version {new_version} (onnx backend; replacing version {old_version})"
+    swapped = f"serving {MODEL} version {new_version} (forest backend; replacing version {old_version})"
     assert swapped in started.log_text()
 
 
@@ -278,7 +278,7 @@ def test_broken_new_version_is_kept_out(serving_home: ServingHome, started: Serv
     ) in log
     metrics = started.metrics()
     assert metrics[("custseg_model_swaps_total", ())] == before[("custseg_model_swaps_total", ())]
-    assert metrics[("custseg_model_info", (("backend", "onnx"), ("name", MODEL), ("version", served)))] == 1
+    assert metrics[("custseg_model_info", (("backend", "forest"), ("name", MODEL), ("version", served)))] == 1
 
 
 def _send_partial(port: int, body: bytes, first: int) -> socket.socket:

@@ -202,3 +202,24 @@ def test_a_forest_that_fails_its_check_rows_is_not_used(training: pd.DataFrame, 
     assert scorer.backend == "onnx"
     meta = json.loads((folder / "bundle.json").read_text())
     assert (scorer.score_frame(pd.DataFrame(meta["check_rows"])).labels == meta["check_labels"]).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 32, 33, 500])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_encoding_is_the_same_for_a_request_and_a_batch(rows: int, dtype: type) -> None:
+    """Up to SMALL_ENCODE_ROWS rows are encoded from Python values (the API's path), more column by
+    column: both must give what pandas gives for the same frame, rounding to float32 included."""
+    from custseg.scoring.forest import SMALL_ENCODE_ROWS, encode_columns
+
+    assert 2 <= SMALL_ENCODE_ROWS < 33  # the parameters cover both paths
+    frame = generate(rows, seed=rows)[FEATURES]
+    frame["annual_income"] = frame["annual_income"] + 0.1  # not representable in float32: rounded
+    names = (*schema.NUMERIC_FEATURES, "gender_Female", "gender_Male")
+    expected = pd.concat(
+        [frame[list(schema.NUMERIC_FEATURES)].astype(np.float64)]
+        + [(frame["gender"] == g).rename(f"gender_{g}").astype(np.float64) for g in ("Female", "Male")],
+        axis=1,
+    ).to_numpy()
+    matrix = encode_columns(to_columns(frame), names, dtype)
+    assert matrix.dtype == dtype and matrix.shape == (rows, len(names)) and matrix.flags.c_contiguous
+    np.testing.assert_array_equal(matrix, expected.astype(dtype))

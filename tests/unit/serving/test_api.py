@@ -380,7 +380,7 @@ def test_model_endpoint_describes_the_champion(client: TestClient, trained_home:
     assert details["run_id"] == trained_home.registration.run_id
     assert details["trained_at"] == ref.created_at
     assert "champion" in details["aliases"]
-    assert details["backend"] == "onnx"
+    assert details["backend"] == "forest"  # the API scores with the compiled kernel
     assert details["classes"] == list(schema.LABELS)
     assert details["holdout_metrics"]["macro_f1"] == pytest.approx(ref.metrics["holdout_macro_f1"])
     features = {f["name"]: f for f in details["features"]}
@@ -425,7 +425,7 @@ def test_metrics_count_routes_statuses_latency_classes_and_model(trained_home: T
     assert m[("custseg_predictions_total", (("segment", "medium_value"),))] == 4
     assert m[("custseg_predictions_total", (("segment", "high_value"),))] == 2
     version = trained_home.registration.model.version
-    info = (("backend", "onnx"), ("name", "customer-segments"), ("version", version))
+    info = (("backend", "forest"), ("name", "customer-segments"), ("version", version))
     assert m[("custseg_model_info", info)] == 1
     assert m[("custseg_model_loaded", ())] == 1
     assert m[("custseg_http_requests_in_flight", ())] == 1  # the scrape itself

@@ -141,6 +141,56 @@ def test_scoring_context_is_read_from_the_state_not_resolved_as_a_dependency() -
         assert route.dependant.dependencies == []  # type: ignore[attr-defined]
 
 
+def _answers_of(app: FastAPI, served: LoadedModel) -> list[tuple[Any, ...]]:
+    """Status, body without ids, and header names of scoring POSTs: good, batch, invalid, explained."""
+    bad_value = {**PROTOTYPE, "age": -3}
+    bodies: list[Any] = [PROTOTYPE, [PROTOTYPE, bad_value], bad_value, {"age": "x"}, [], "text"]
+    answers = []
+    with TestClient(app) as client:
+        app.state.holder.current = served
+        for path in ("/predict", "/score"):
+            for body in bodies:
+                for query in ("", "?explain=2", "?explain=0", "?explain=11"):
+                    answer = client.post(path + query, json=body, headers={"X-Request-ID": "same"})
+                    content = answer.json()
+                    content.pop("request_id", None)
+                    names = sorted(set(answer.headers) - {"date", "content-length"})
+                    answers.append((path + query, answer.status_code, content, names))
+        answers.append(("no body", client.post("/predict", content=b"", headers=JSON).status_code))
+        answers.append(("GET", client.get("/predict").status_code))  # the router's 405, either way
+    return answers
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_scoring_posts_skip_the_router_and_answer_exactly_as_through_it(
+    served: LoadedModel, tmp_path: Path
+) -> None:
+    """The middleware hands POST /predict and /score to their endpoint directly (DIRECT_ROUTES): every
+    answer, errors included, is the one the router and the app's exception handler give."""
+    from custseg.serving.middleware import ApiMiddleware
+
+    direct = create_app(_settings(tmp_path / "direct"))
+    routed = create_app(_settings(tmp_path / "routed"))
+    (middleware,) = [m for m in routed.user_middleware if m.cls is ApiMiddleware]
+    middleware.kwargs["direct"] = {}  # before the middleware stack is built: every request is routed
+    direct_answers = _answers_of(direct, served)
+    assert direct_answers == _answers_of(routed, served)
+    statuses = {a[1] for a in direct_answers}
+    assert {200, 422}.issubset(statuses), statuses  # the comparison covered answers and errors
+
+    # and it really skips the router: without the routes registered, the direct app still scores
+    bare = create_app(_settings(tmp_path / "bare"))
+    bare.router.routes[:] = [
+        r for r in bare.router.routes if getattr(r, "path", "") not in ("/predict", "/score")
+    ]
+    with TestClient(bare) as client:
+        bare.state.holder.current = served
+        assert client.post("/predict", json=PROTOTYPE).json()["prediction"] == ["medium_value"]
+        assert client.get("/predict").status_code == 404  # other methods go through the router
+
+
 def test_feedback_without_a_log_is_503_from_its_dependency(empty_app: tuple[FastAPI, TestClient]) -> None:
     _, client = empty_app
     answer = client.post("/feedback", json={"customer_id": "C1", "customer_segment": "low_value"})
