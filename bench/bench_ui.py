@@ -10,6 +10,8 @@ rows in at most 3 s end to end.
 Usage::
 
     .venv/bin/python bench/bench_ui.py [--rows 100000] [--repeats 3] [--reasons 0] [--home DIR]
+    .venv/bin/python bench/bench_ui.py --part pages [--log-rows 1000000] [--backends sqlite,postgresql]
+        [--window-baseline] [--home DIR]
 
 The champion comes from ``--home`` (a CUSTSEG_HOME), or one is trained on 1,000 generated rows in a
 temporary home. The machine's load (``uptime``) is printed beside the figures.
@@ -189,9 +191,10 @@ def print_upload(result: dict[str, Any]) -> None:
 # ``first`` after start (the rollup of the log built, registry read), ``steady`` (the 5-second page cache
 # expired, the in-memory rollup only catching up: what each visit costs on a running server) and
 # ``cached``. The baseline is the same per-bucket numbers by ``GROUP BY`` over the window without the
-# rollup (``custseg.predlog.queries.traffic`` + ``segment_mix``) and, for the day window, reading the window
-# into pandas as ``custseg monitor`` does (``PredictionStore.window``). Page weight: the HTML plus every
-# script and stylesheet it loads, raw and gzip-compressed.
+# rollup (``custseg.predlog.queries.traffic`` + ``segment_mix``) and, with ``--window-baseline``, reading
+# the day window into pandas as ``custseg monitor`` does (``PredictionStore.window``; off by default: with
+# 1M predictions it takes minutes on SQLite and about 6 minutes on PostgreSQL). Page weight: the HTML plus
+# every script and stylesheet it loads, raw and gzip-compressed.
 
 PAGES = (
     "/ui/monitoring?window=hour",
@@ -297,8 +300,11 @@ def page_weight(client: Any, path: str) -> tuple[int, int]:
     return sum(len(b) for b in bodies), sum(len(gzip.compress(b, 6)) for b in bodies)
 
 
-def bench_pages(home: Path, work: Path, rows: int, repeats: int, backends: list[str]) -> list[dict[str, Any]]:
-    """Server time (first, steady, cached) and weight of each page with ``rows`` logged predictions."""
+def bench_pages(
+    home: Path, work: Path, rows: int, repeats: int, backends: list[str], window_baseline: bool = False
+) -> list[dict[str, Any]]:
+    """Server time (first, steady, cached) and weight of each page with ``rows`` logged predictions;
+    with ``window_baseline``, also the day window read into pandas (minutes with 1M rows)."""
     import uuid
 
     from starlette.testclient import TestClient
@@ -369,17 +375,18 @@ def bench_pages(home: Path, work: Path, rows: int, repeats: int, backends: list[
                         }
                     )
                     print(results[-1], flush=True)
-                span = dashboard.span_of(dashboard.WINDOWS["day"], now)
-                t = time.perf_counter()
-                frame = log.store.window(span.since, span.until, None, False, None, False)
-                results.append(
-                    {
-                        "backend": backend,
-                        "page": f"baseline window() day ({len(frame):,} rows)",
-                        "steady": (time.perf_counter() - t) * 1000,
-                    }
-                )
-                print(results[-1], flush=True)
+                if window_baseline:
+                    span = dashboard.span_of(dashboard.WINDOWS["day"], now)
+                    t = time.perf_counter()
+                    frame = log.store.window(span.since, span.until, None, False, None, False)
+                    results.append(
+                        {
+                            "backend": backend,
+                            "page": f"baseline window() day ({len(frame):,} rows)",
+                            "steady": (time.perf_counter() - t) * 1000,
+                        }
+                    )
+                    print(results[-1], flush=True)
         finally:
             if backend == "postgresql":
                 log.store.drop_tables()
@@ -410,6 +417,11 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "upload", "pages"], default="all")
     parser.add_argument("--log-rows", type=int, default=1_000_000, help="predictions logged for bench_pages")
     parser.add_argument("--backends", default="sqlite,postgresql", help="prediction logs for bench_pages")
+    parser.add_argument(
+        "--window-baseline",
+        action="store_true",
+        help="bench_pages: also time reading the day window into pandas (custseg monitor's read; minutes)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="custseg-bench-ui-"))
     try:
@@ -418,7 +430,8 @@ def main() -> None:
             result = bench_upload(home, work, args.rows, args.repeats, args.reasons, args.port)
             print_upload(result)
         if args.part in ("all", "pages"):
-            print_pages(bench_pages(home, work, args.log_rows, args.repeats, args.backends.split(",")))
+            backends = args.backends.split(",")
+            print_pages(bench_pages(home, work, args.log_rows, args.repeats, backends, args.window_baseline))
         print(f"  load: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f} (uptime)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from custseg import schema
 from custseg.predlog.tables import FEEDBACK_COLUMN, PREDICTED_COLUMN, Tables
@@ -203,7 +204,11 @@ def confusion(conn: sa.Connection, tables: Tables, span: Span | None, by: str = 
         .group_by(key, predicted, by_customer.c[FEEDBACK_COLUMN])
     )
     names = ["b", PREDICTED_COLUMN, FEEDBACK_COLUMN, "rows"]
-    parts = [_frame(conn, q, names) for q in (from_request, from_customer)]
+    # Without any feedback by customer the second part is empty: one indexed look-up says so, which
+    # spares finding the latest feedback per key a second time.
+    fb = tables.feedback
+    by_customers = conn.execute(sa.select(fb.c.id).where(fb.c.customer_id.is_not(None)).limit(1)).first()
+    parts = [_frame(conn, q, names) for q in [from_request, from_customer][: 2 if by_customers else 1]]
     frame = pd.concat(parts, ignore_index=True) if any(len(f) for f in parts) else parts[0]
     frame = frame.groupby(names[:-1], as_index=False)["rows"].sum()
     frame["rows"] = frame["rows"].astype("int64")
@@ -219,9 +224,9 @@ def sample(conn: sa.Connection, tables: Tables, span: Span, limit: int, seed: in
 
     The window's first and last ids come from the ``ts`` index (two ``ORDER BY ts LIMIT 1``); then
     ``limit / SAMPLE_BLOCK`` blocks of ``SAMPLE_BLOCK`` consecutive ids are drawn in that range and read
-    as primary-key ranges, so the cost does not grow with the window (ranges read several times faster
-    than as many single ids). Rows logged out of ``ts`` order (a replayed spool) outside that id range
-    are not drawn."""
+    as primary-key ranges (SQLite: several times faster than as many single ids) or one index scan over
+    their ids (PostgreSQL), so the cost does not grow with the window. Rows logged out of ``ts`` order (a
+    replayed spool) outside that id range are not drawn."""
     p = tables.predictions
     columns = [p.c.ts, *[p.c[f.name] for f in schema.FEATURES], segment_column(tables).label("segment")]
     columns += [p.c.model_version, p.c.latency_ms]
@@ -240,18 +245,47 @@ def sample(conn: sa.Connection, tables: Tables, span: Span, limit: int, seed: in
         return frame.sort_values("ts").reset_index(drop=True)
     blocks = range(low, high + 1, SAMPLE_BLOCK)
     starts = sorted(random.Random(seed).sample(blocks, max(limit // SAMPLE_BLOCK, 1)))
-    # UNION ALL of ranges: each part is a primary-key seek (an OR of ranges may become a table scan)
-    query = sa.union_all(
-        *[sa.select(*columns).where(p.c.id.between(a, a + SAMPLE_BLOCK - 1)) for a in starts]
-    )
-    frame = _frame(conn, query, names)  # type: ignore[arg-type]
+    if conn.dialect.name == "postgresql":
+        # one index scan over the ids: as a UNION ALL of ranges, a table not analyzed yet (freshly
+        # loaded) gets estimates large enough for PostgreSQL to JIT-compile hundreds of scans (a minute)
+        ids = [i for a in starts for i in range(a, a + SAMPLE_BLOCK)]
+        wanted = sa.any_(sa.bindparam("ids", ids, type_=postgresql.ARRAY(sa.BigInteger)))
+        query = sa.select(*columns).where(p.c.id == wanted).order_by(p.c.id)
+        frame = _frame(conn, query, names)
+    else:
+        frame = _driver_frame(conn, _blocks_query(conn, tables, columns, starts), names)
     inside = (frame["ts"] >= span.since) & (frame["ts"] < span.until)
     return frame[inside].reset_index(drop=True)
 
 
-def _frame(conn: sa.Connection, query: sa.Select[Any], names: list[str], params: Any = None) -> pd.DataFrame:
+def _blocks_query(conn: sa.Connection, tables: Tables, columns: list[Any], starts: list[int]) -> str:
+    """SQLite: the rows whose id is in one of the blocks ``[a, a + SAMPLE_BLOCK)``, as a ``UNION ALL`` of
+    primary-key ranges, each part a primary-key seek (an OR of ranges may become a table scan). Written
+    as SQL text around one compiled ``SELECT`` (the starts are integers written here): the same statement
+    built from hundreds of SQLAlchemy selects cost more to build than SQLite took to answer it."""
+    p = tables.predictions
+    head = str(sa.select(*columns).select_from(p).compile(conn))
+    key = str(p.c.id.compile(conn))
+    last = SAMPLE_BLOCK - 1
+    return " UNION ALL ".join(f"{head} WHERE {key} BETWEEN {int(a)} AND {int(a) + last}" for a in starts)
+
+
+def _frame(conn: sa.Connection, query: sa.Executable, names: list[str], params: Any = None) -> pd.DataFrame:
     """A query's rows as a frame, built column by column (much faster than from row objects)."""
     rows = conn.execute(query, params).fetchall()
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(names)
+    return pd.DataFrame({name: list(values) for name, values in zip(names, columns, strict=True)})
+
+
+def _driver_frame(conn: sa.Connection, sql: str, names: list[str]) -> pd.DataFrame:
+    """:func:`_frame` for SQL text without parameters, read with the driver's own cursor: its rows are
+    plain tuples of the same values, which skips building thousands of result rows."""
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql)
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
     columns = list(zip(*rows, strict=True)) if rows else [()] * len(names)
     return pd.DataFrame({name: list(values) for name, values in zip(names, columns, strict=True)})
 

@@ -256,8 +256,7 @@ def bucket_drift(
                 if feature.is_numeric
                 else column.astype(str)
             )
-            lookup = {name: i for i, name in enumerate(names)}
-            codes = np.array([lookup.get(v, -1) for v in text], dtype=np.int64)
+            codes = pd.Categorical(text, categories=names).codes.astype(np.int64)  # -1: not a category
             codes[column.isna().to_numpy()] = -1
         else:
             reference = np.asarray(info.get("bin_shares", [1.0]), dtype=np.float64)

@@ -59,7 +59,7 @@ NAVIGATION = (
 )
 PLACEHOLDERS: dict[str, str] = {}
 """Pages linked from the navigation that are not built yet, and what they will show."""
-_WORDS = {"num": "number of", "avg": "average"}
+_WORDS = {"num": "number of", "avg": "average", "proba": "probability of"}
 _JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 """A JSON number literal (what the API would have received for a number typed in the field)."""
 
@@ -72,7 +72,8 @@ templates = Environment(
 
 
 def label(name: str) -> str:
-    """A feature's name in words: ``days_since_last_purchase`` -> ``Days since last purchase``."""
+    """A feature's (or a scored column's) name in words: ``days_since_last_purchase`` -> ``Days since last
+    purchase``, ``proba_high_value`` -> ``Probability of high value``."""
     text = " ".join(_WORDS.get(word, word) for word in name.split("_"))
     return text[:1].upper() + text[1:]
 

@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from custseg.errors import CustsegError
 from custseg.io.snapshots import SnapshotStore, parse_date
 from custseg.serving.ui import charts
-from custseg.serving.ui.pages import SECURITY_HEADERS, locked, page
+from custseg.serving.ui.pages import SECURITY_HEADERS, label, locked, page
 from custseg.settings import Settings
 from custseg.workflows.segments import (
     customer_history,
@@ -122,7 +122,8 @@ def _segments_part(settings: Settings, query: dict[str, str]) -> dict[str, Any]:
             names: list[str] = []
             for row in history:
                 names += [k for k in row if k not in names]
-            context["history"] = {"columns": names, "rows": history}
+            columns = [{"name": name, "label": label(name)} for name in names]
+            context["history"] = {"columns": columns, "rows": history}
         except CustsegError as exc:
             context["history_problem"] = _said(exc, store)
     return context

@@ -105,6 +105,43 @@ def test_a_wrong_file_type_is_said_on_the_page(server: Server, browser_page: Wat
     assert "'customers.xlsx' is not a CSV or Parquet file" in problem.inner_text()
 
 
+def assert_history_reads_in_words_and_fits(page: object) -> None:
+    """The history's headers are words, like the Score form's labels, and its last column can be seen
+    at 1200 px: the table fits its box, or the box scrolls it sideways; the page itself never does."""
+    headers = page.locator("#history thead th").all_inner_texts()  # type: ignore[attr-defined]
+    assert headers[:7] == [
+        "Date",
+        "Segment",
+        "Probability of high value",
+        "Probability of low value",
+        "Probability of medium value",
+        "Model name",
+        "Model version",
+    ], headers
+    assert not [h for h in headers if "_" in h], headers
+    box = page.locator("#history-scroll")  # type: ignore[attr-defined]
+    geometry = box.evaluate(
+        """box => ({
+            overflowX: getComputedStyle(box).overflowX,
+            scrollWidth: box.scrollWidth,
+            clientWidth: box.clientWidth,
+            pageWidth: document.documentElement.scrollWidth,
+            viewport: window.innerWidth,
+        })"""
+    )
+    assert geometry["pageWidth"] <= geometry["viewport"], geometry  # the page does not scroll sideways
+    if geometry["scrollWidth"] > geometry["clientWidth"]:  # too wide to fit: the box must scroll it
+        assert geometry["overflowX"] in ("auto", "scroll"), geometry
+        box.evaluate("box => { box.scrollLeft = box.scrollWidth; }")
+    last = page.locator("#history thead th").last  # type: ignore[attr-defined]
+    edge = last.bounding_box()
+    frame = box.bounding_box()
+    assert edge["x"] >= frame["x"] - 0.5, (edge, frame)
+    assert edge["x"] + edge["width"] <= frame["x"] + frame["width"] + 0.5, (edge, frame)
+    assert edge["x"] + edge["width"] <= geometry["viewport"], (edge, geometry)
+    box.evaluate("box => { box.scrollLeft = 0; }")
+
+
 def recorded_dates(page: object, server: Server) -> list[str]:
     page.goto(f"{server.url}/ui/segments")  # type: ignore[attr-defined]
     return list(page.locator("#snapshots tbody td:first-child").all_inner_texts())  # type: ignore[attr-defined]
@@ -137,6 +174,7 @@ def test_segments_page_with_two_snapshots(server: Server, browser_page: Watched,
     page.wait_for_selector("#history")  # type: ignore[attr-defined]
     history = page.locator("#history tbody tr").all_inner_texts()  # type: ignore[attr-defined]
     assert [line.split("\t")[0] for line in history] == [EARLIER, LATER]
+    assert_history_reads_in_words_and_fits(page)
     page.wait_for_selector("#chart-moves[data-rendered='true'] svg")  # type: ignore[attr-defined]
     screenshot(page, tmp_path, "segments")
 

@@ -146,6 +146,14 @@ def test_a_customers_history(recorded: tuple[TestClient, Settings]) -> None:
     for row in history:
         assert f"{row['date']} {row['segment']}" in table
     assert f'value="{customer}"' in page.text
+    found = re.search(r'<table[^>]*id="history".*?<thead>(.*?)</thead>', page.text, re.S)
+    assert found is not None
+    headers = dict(re.findall(r'<th scope="col" data-column="([^"]+)"[^>]*>([^<]*)</th>', found.group(1)))
+    assert list(headers) == list(history[0])  # every column, in the workflow's order
+    assert headers["date"] == "Date"
+    assert headers["proba_high_value"] == "Probability of high value"
+    assert headers["model_version"] == "Model version"
+    assert not [text for text in headers.values() if "_" in text], headers
 
     unknown = client.get("/ui/segments", params={"customer": "NOBODY_42"})
     assert unknown.status_code == 404
