@@ -19,9 +19,13 @@ export UV_LINK_MODE ?= copy
 
 # Create .venv in the repository root and install custseg with every extra the tests use, at the lock's
 # versions (from PyPI). Without uv the same install is: pip install -c requirements.lock -e ".[dev]".
-# The install compiles custseg/scoring/_forest.c and _treeshap.c (forest and explanation kernels) with the C compiler.
-$(STAMP): pyproject.toml setup.py custseg/scoring/_forest.c custseg/scoring/_treeshap.c $(LOCK) | $(UV)
-	$(UV) pip install --python $(BIN)/python --quiet -c $(LOCK) -e ".[dev]"
+# The install compiles custseg/scoring/_forest.c, _quickscorer.c and _treeshap.c (forest and explanation
+# kernels) with the C compiler, and every installed module to bytecode: without that, a process started
+# where bytecode is not written (PYTHONDONTWRITEBYTECODE, a read-only venv) compiles pandas, MLflow and
+# the rest from source each time (3-5 s of CPU for every `custseg` command, server worker and test).
+$(STAMP): pyproject.toml setup.py custseg/scoring/_forest.c custseg/scoring/_quickscorer.c \
+		custseg/scoring/_treeshap.c $(LOCK) | $(UV)
+	$(UV) pip install --python $(BIN)/python --quiet --compile-bytecode -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
 $(UV):

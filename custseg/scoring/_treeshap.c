@@ -13,6 +13,9 @@
  * path's zero fractions (O(d^2)). Contributions are added to out (float64, rows x classes x slots);
  * `column_slot` maps an encoded column to its output slot (both gender indicators to one slot).
  *
+ * Model.build_tables (see "signature tables" below) precomputes, for bulk calls, each tree's sums for every
+ * combination of sides of its thresholds; a row then costs one read per tree.
+ *
  * Every index is checked before the work starts, so a malformed explainer raises ValueError instead of
  * reading outside its arrays. The work itself runs without the GIL.
  */
@@ -109,6 +112,15 @@ typedef struct {
     Py_ssize_t max_slots_per_tree;
     const int64_t *row_class; /* (n,): explain only this class of each row (out is n x slots); NULL: all */
     double *out;              /* (n, C, slots), or (n, slots) with row_class */
+    const int32_t *tree_slot_start; /* (T + 1): tree t adds to slots tree_slots[start[t] .. start[t + 1]) */
+    const int32_t *tree_slots;
+    /* Signature tables (see build_tables; sig_offset NULL until built). */
+    const int64_t *sig_offset;   /* (T,): tree t's first value in sig_values, or -1: no table */
+    const int32_t *sig_count;    /* (T,): tree t's signatures */
+    const float *bucket_bounds;  /* every column's distinct thresholds, ascending, column after column */
+    const int32_t *bucket_start; /* (columns + 1): column j owns bucket_bounds[start[j] .. start[j + 1]) */
+    const int32_t *bucket_lut;   /* (bucket_start[columns] + columns) x T: stride x local bucket */
+    const double *sig_values;    /* per tree: (classes, signatures, the tree's slots) */
 } Forest;
 
 /* The share s[k] of each path feature for one leaf without a table, before multiplying by its values. */
@@ -249,11 +261,140 @@ ALWAYS_INLINE static inline void untabled_leaf(const Forest *f, int32_t leaf, co
     }
 }
 
+/* Tree t's leaves for a block of `width` rows (xs: columns x width, transposed) added into acc (slots x
+ * classes x width, classes = 1 with `one`); failed: (max slots per tree) x width. */
+ALWAYS_INLINE static inline void tree_leaves(const Forest *f, Py_ssize_t t, const float *xs, uint32_t *failed,
+                                             double *acc, const int64_t *cls, const int one, const int width) {
+    const int32_t *tree = f->trees + 4 * t;
+    int32_t first_inner = tree[0], n_inner = tree[1], first_leaf = tree[2], n_leaves = tree[3];
+    for (int r = 0; r < width; r++) {
+        failed[r] = 0;
+    }
+    /* Parents come before children: each slot is written once, by its parent, before it is read. */
+    for (int32_t i = 0; i < n_inner; i++) {
+        int32_t g = first_inner + i;
+        uint32_t bit = 1u << f->inner_feature[g];
+        float threshold = f->inner_threshold[g];
+        const float *restrict x = xs + (int64_t)f->inner_feature[g] * width;
+        const uint32_t *restrict here = failed + (int64_t)i * width;
+        uint32_t *restrict left = failed + (int64_t)f->inner_children[2 * g] * width;
+        uint32_t *restrict right = failed + (int64_t)f->inner_children[2 * g + 1] * width;
+        for (int r = 0; r < width; r++) {
+            uint32_t goes_right = x[r] > threshold ? bit : 0u;
+            left[r] = here[r] | goes_right;
+            right[r] = here[r] | (goes_right ^ bit);
+        }
+    }
+    for (int32_t j = 0; j < n_leaves; j++) {
+        const uint32_t *fails = failed + (int64_t)(n_inner + j) * width;
+        if (f->leaf_table[first_leaf + j] >= 0) {
+            tabled_leaf(f, first_leaf + j, fails, acc, cls, one, width);
+        } else {
+            untabled_leaf(f, first_leaf + j, fails, acc, cls, one, width);
+        }
+    }
+}
+
+/* With the tables built, phi += acc over tree t's slots, and acc back to zeros: every tree's share is
+ * summed on its own first (from zero, leaf after leaf), then added to the row's total, tree after tree.
+ * The signature tables hold exactly those per-tree sums, so trees with and without a table, blocks and
+ * single rows all give the same bits (a different summation order from the no-table pass, which adds every
+ * leaf straight into the total: the two differ by float64 rounding, ~1e-15). A single row adds every slot
+ * (a few vector adds, no slot list): the other slots' acc is +0.0, and phi, a sum that starts at +0.0, is
+ * never -0.0, so adding +0.0 leaves it unchanged, bit for bit. */
+ALWAYS_INLINE static inline void flush_tree(const Forest *f, Py_ssize_t t, double *restrict acc,
+                                            double *restrict phi, Py_ssize_t n_classes, const int width) {
+    if (width == 1) {
+        for (Py_ssize_t k = 0; k < f->n_slots * n_classes; k++) {
+            phi[k] += acc[k];
+            acc[k] = 0.0;
+        }
+        return;
+    }
+    for (int32_t i = f->tree_slot_start[t]; i < f->tree_slot_start[t + 1]; i++) {
+        int64_t at = (int64_t)f->tree_slots[i] * n_classes * width;
+        for (Py_ssize_t k = 0; k < n_classes * width; k++) {
+            phi[at + k] += acc[at + k];
+            acc[at + k] = 0.0;
+        }
+    }
+}
+
+/* Each row's signature in every tree with a table: sigs[r * T + t] = sum over the tree's columns of
+ * stride x (the row's bucket among the tree's thresholds of that column), looked up per column from the
+ * row's bucket among all the forest's thresholds of that column. */
+ALWAYS_INLINE static inline void signatures(const Forest *f, const float *xs, int32_t *restrict sigs,
+                                            const int width) {
+    const Py_ssize_t n_trees = f->n_trees;
+    for (int r = 0; r < width; r++) {
+        int32_t *restrict sv = sigs + (int64_t)r * n_trees;
+        for (Py_ssize_t t = 0; t < n_trees; t++) {
+            sv[t] = 0;
+        }
+        for (Py_ssize_t j = 0; j < f->n_columns; j++) {
+            const int32_t lo = f->bucket_start[j], count = f->bucket_start[j + 1] - lo;
+            if (count == 0) {
+                continue;
+            }
+            const float *bounds = f->bucket_bounds + lo;
+            const float value = xs[j * width + r];
+            int32_t bucket = 0, len = count; /* how many thresholds the value exceeds (NaN: none) */
+            while (len > 1) {
+                int32_t half = len / 2;
+                bucket = bounds[bucket + half - 1] < value ? bucket + half : bucket;
+                len -= half;
+            }
+            bucket += len == 1 && bounds[bucket] < value;
+            const int32_t *restrict row = f->bucket_lut + ((int64_t)lo + j + bucket) * n_trees;
+            for (Py_ssize_t t = 0; t < n_trees; t++) {
+                sv[t] += row[t];
+            }
+        }
+    }
+}
+
+#define PREFETCH_TREES 16 /* how many trees ahead a row's table entries are fetched */
+
+/* Trees [t0, t1), all with tables: each row's entries (its signature, its class) added tree after tree,
+ * row by row: a row's reads are independent of each other, so they are fetched ahead and overlap. */
+ALWAYS_INLINE static inline void table_run(const Forest *f, Py_ssize_t t0, Py_ssize_t t1, const int32_t *sigs,
+                                           const int64_t *cls, double *phi, Py_ssize_t n_classes, const int width) {
+    double total[MAX_SLOTS * MAX_CLASSES];
+    const Py_ssize_t n_values = f->n_slots * n_classes;
+    for (int r = 0; r < width; r++) {
+        const int32_t *sv = sigs + (int64_t)r * f->n_trees;
+        for (Py_ssize_t v = 0; v < n_values; v++) {
+            total[v] = phi[v * width + r];
+        }
+        for (Py_ssize_t c = 0; c < n_classes; c++) {
+            int64_t klass = cls != NULL ? cls[r] : (int64_t)c;
+            for (Py_ssize_t t = t0; t < t1; t++) {
+                if (t + PREFETCH_TREES < t1) {
+                    Py_ssize_t u = t + PREFETCH_TREES;
+                    int32_t n_ahead = f->tree_slot_start[u + 1] - f->tree_slot_start[u];
+                    __builtin_prefetch(f->sig_values + f->sig_offset[u] +
+                                       (klass * f->sig_count[u] + sv[u]) * n_ahead);
+                }
+                const int32_t start = f->tree_slot_start[t], n_used = f->tree_slot_start[t + 1] - start;
+                const int32_t *slots = f->tree_slots + start;
+                const double *e = f->sig_values + f->sig_offset[t] + (klass * f->sig_count[t] + sv[t]) * n_used;
+                for (int32_t k = 0; k < n_used; k++) {
+                    total[slots[k] * n_classes + c] += e[k];
+                }
+            }
+        }
+        for (Py_ssize_t v = 0; v < n_values; v++) {
+            phi[v * width + r] = total[v];
+        }
+    }
+}
+
 /* One block of `width` rows (a compile-time constant at each call, so the row loops vectorise).
- * failed: (max slots per tree) x width; phi: slots x classes x width (slots x width with row_class);
- * xs: columns x width. */
+ * failed: (max slots per tree) x width; phi, acc: slots x classes x width (slots x width with row_class);
+ * xs: columns x width; sigs: width x trees (used when the tables are built). */
 ALWAYS_INLINE static inline void explain_block(const Forest *f, Py_ssize_t first, uint32_t *failed, double *phi,
-                                               float *xs, const int one, const int width) {
+                                               double *acc, float *xs, int32_t *sigs, const int one,
+                                               const int width) {
     const int64_t *cls = one ? f->row_class + first : NULL;
     Py_ssize_t n_classes = one ? 1 : f->n_classes;
     Py_ssize_t n_values = n_classes * f->n_slots;
@@ -264,35 +405,28 @@ ALWAYS_INLINE static inline void explain_block(const Forest *f, Py_ssize_t first
         }
     }
     memset(phi, 0, (size_t)n_values * (size_t)width * sizeof(double));
-    for (Py_ssize_t t = 0; t < f->n_trees; t++) {
-        const int32_t *tree = f->trees + 4 * t;
-        int32_t first_inner = tree[0], n_inner = tree[1], first_leaf = tree[2], n_leaves = tree[3];
-        for (int r = 0; r < width; r++) {
-            failed[r] = 0;
+    if (f->sig_offset != NULL) {
+        signatures(f, xs, sigs, width);
+    }
+    if (f->sig_offset == NULL) {
+        /* No tables (a few rows, as the API's): every leaf adds straight into the row's totals. */
+        for (Py_ssize_t t = 0; t < f->n_trees; t++) {
+            tree_leaves(f, t, xs, failed, phi, cls, one, width);
         }
-        /* Parents come before children: each slot is written once, by its parent, before it is read. */
-        for (int32_t i = 0; i < n_inner; i++) {
-            int32_t g = first_inner + i;
-            uint32_t bit = 1u << f->inner_feature[g];
-            float threshold = f->inner_threshold[g];
-            const float *restrict x = xs + (int64_t)f->inner_feature[g] * width;
-            const uint32_t *restrict here = failed + (int64_t)i * width;
-            uint32_t *restrict left = failed + (int64_t)f->inner_children[2 * g] * width;
-            uint32_t *restrict right = failed + (int64_t)f->inner_children[2 * g + 1] * width;
-            for (int r = 0; r < width; r++) {
-                uint32_t goes_right = x[r] > threshold ? bit : 0u;
-                left[r] = here[r] | goes_right;
-                right[r] = here[r] | (goes_right ^ bit);
-            }
+    }
+    for (Py_ssize_t t = 0; f->sig_offset != NULL && t < f->n_trees;) {
+        if (f->sig_offset[t] < 0) {
+            tree_leaves(f, t, xs, failed, acc, cls, one, width);
+            flush_tree(f, t, acc, phi, n_classes, width);
+            t++;
+            continue;
         }
-        for (int32_t j = 0; j < n_leaves; j++) {
-            const uint32_t *fails = failed + (int64_t)(n_inner + j) * width;
-            if (f->leaf_table[first_leaf + j] >= 0) {
-                tabled_leaf(f, first_leaf + j, fails, phi, cls, one, width);
-            } else {
-                untabled_leaf(f, first_leaf + j, fails, phi, cls, one, width);
-            }
+        Py_ssize_t end = t + 1;
+        while (end < f->n_trees && f->sig_offset[end] >= 0) {
+            end++;
         }
+        table_run(f, t, end, sigs, cls, phi, n_classes, width);
+        t = end;
     }
     for (int r = 0; r < width; r++) {
         double *out = f->out + (first + r) * n_values;
@@ -306,25 +440,26 @@ ALWAYS_INLINE static inline void explain_block(const Forest *f, Py_ssize_t first
 
 /* Full blocks of BLOCK rows, then blocks of 4, then single rows: a lone row costs one row's work.
  * `one` (a constant at each call) selects the one-class-per-row pass. */
-ALWAYS_INLINE static inline void explain_all(const Forest *f, uint32_t *failed, double *phi, float *xs,
-                                             const int one) {
+ALWAYS_INLINE static inline void explain_all(const Forest *f, uint32_t *failed, double *phi, double *acc,
+                                             float *xs, int32_t *sigs, const int one) {
     Py_ssize_t first = 0;
     for (; first + BLOCK <= f->n_rows; first += BLOCK) {
-        explain_block(f, first, failed, phi, xs, one, BLOCK);
+        explain_block(f, first, failed, phi, acc, xs, sigs, one, BLOCK);
     }
     for (; first + 4 <= f->n_rows; first += 4) {
-        explain_block(f, first, failed, phi, xs, one, 4);
+        explain_block(f, first, failed, phi, acc, xs, sigs, one, 4);
     }
     for (; first < f->n_rows; first++) {
-        explain_block(f, first, failed, phi, xs, one, 1);
+        explain_block(f, first, failed, phi, acc, xs, sigs, one, 1);
     }
 }
 
-VECTOR_CLONES static void explain_rows(const Forest *f, uint32_t *failed, double *phi, float *xs) {
+VECTOR_CLONES static void explain_rows(const Forest *f, uint32_t *failed, double *phi, double *acc, float *xs,
+                                       int32_t *sigs) {
     if (f->row_class != NULL) {
-        explain_all(f, failed, phi, xs, 1);
+        explain_all(f, failed, phi, acc, xs, sigs, 1);
     } else {
-        explain_all(f, failed, phi, xs, 0);
+        explain_all(f, failed, phi, acc, xs, sigs, 0);
     }
 }
 
@@ -416,15 +551,68 @@ typedef struct {
     PyObject_HEAD
     Buffer b[N_MODEL];
     double *path_ratio;
+    int32_t *tree_slot_start, *tree_slots;
+    /* The signature tables (build_tables), owned here, NULL until built; never freed before the Model. */
+    int64_t *sig_offset;
+    int32_t *sig_count, *bucket_start, *bucket_lut;
+    float *bucket_bounds;
+    double *sig_values;
+    Py_ssize_t table_bytes, table_trees;
     Forest f; /* the model's part: matrix, rows, row_class and out are set per call */
 } Model;
+
+static void free_tables(Model *self) {
+    free(self->sig_offset);
+    free(self->sig_count);
+    free(self->bucket_start);
+    free(self->bucket_lut);
+    free(self->bucket_bounds);
+    free(self->sig_values);
+    self->sig_offset = NULL;
+    self->sig_count = self->bucket_start = self->bucket_lut = NULL;
+    self->bucket_bounds = NULL;
+    self->sig_values = NULL;
+}
 
 static void Model_dealloc(Model *self) {
     for (int i = 0; i < N_MODEL; i++) {
         release(&self->b[i]);
     }
     free(self->path_ratio);
+    free(self->tree_slot_start);
+    free(self->tree_slots);
+    free_tables(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Each tree's output slots (those of the columns its nodes test), ascending: the slots a tree adds to. */
+static int tree_slot_lists(Model *self) {
+    Forest *f = &self->f;
+    Py_ssize_t n_inner_all = self->b[1].view.shape[0];
+    self->tree_slot_start = malloc((size_t)(f->n_trees + 1) * sizeof(int32_t));
+    self->tree_slots = malloc((size_t)(n_inner_all > 0 ? n_inner_all : 1) * sizeof(int32_t));
+    if (self->tree_slot_start == NULL || self->tree_slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int32_t n = 0;
+    for (Py_ssize_t t = 0; t < f->n_trees; t++) {
+        const int32_t *tree = f->trees + 4 * t;
+        uint32_t used = 0;
+        for (int32_t i = 0; i < tree[1]; i++) {
+            used |= 1u << f->column_slot[f->inner_feature[tree[0] + i]];
+        }
+        self->tree_slot_start[t] = n;
+        for (int32_t slot = 0; slot < f->n_slots; slot++) {
+            if ((used >> slot) & 1u) {
+                self->tree_slots[n++] = slot; /* at most one per inner node: n stays within the array */
+            }
+        }
+    }
+    self->tree_slot_start[f->n_trees] = n;
+    f->tree_slot_start = self->tree_slot_start;
+    f->tree_slots = self->tree_slots;
+    return 0;
 }
 
 /* Take and check the arrays; 0, or -1 with an exception set. */
@@ -488,7 +676,7 @@ static int model_setup(Model *self, PyObject **objects, Py_ssize_t n_slots) {
         self->path_ratio[i] = z != 0.0 ? (1.0 - z) / z : 0.0; /* tabled leaves have no zero fraction */
     }
     f->path_ratio = self->path_ratio;
-    return 0;
+    return tree_slot_lists(self);
 }
 
 static PyTypeObject ModelType;
@@ -522,9 +710,10 @@ static PyObject *model_run(Model *self, PyObject *matrix_obj, PyObject *class_ob
     Buffer matrix = {0}, classes = {0}, out = {0};
     PyObject *result = NULL;
     uint32_t *failed = NULL;
-    double *phi = NULL;
+    double *phi = NULL, *acc = NULL;
     float *xs = NULL;
-    Forest f = self->f;
+    int32_t *sigs = NULL;
+    Forest f = self->f; /* a copy: tables built later by another thread do not change this call */
     int one = class_obj != NULL;
     if (get_buffer(matrix_obj, &matrix, "matrix", "f", 2, 0) ||
         (one && get_buffer(class_obj, &classes, "classes", "q", 1, 0)) ||
@@ -553,16 +742,18 @@ static PyObject *model_run(Model *self, PyObject *matrix_obj, PyObject *class_ob
     if (f.n_rows > 0) {
         failed = malloc((size_t)f.max_slots_per_tree * BLOCK * sizeof(uint32_t));
         phi = malloc((size_t)(f.n_slots * f.n_classes) * BLOCK * sizeof(double));
+        acc = calloc((size_t)(f.n_slots * f.n_classes) * BLOCK, sizeof(double));
         xs = malloc((size_t)f.n_columns * BLOCK * sizeof(float));
-        if (failed == NULL || phi == NULL || xs == NULL) {
+        sigs = f.sig_offset != NULL ? malloc((size_t)f.n_trees * BLOCK * sizeof(int32_t)) : NULL;
+        if (failed == NULL || phi == NULL || acc == NULL || xs == NULL || (f.sig_offset != NULL && sigs == NULL)) {
             PyErr_NoMemory();
             goto done;
         }
         if (f.n_rows <= 4) { /* the API's one row: the hand-off would cost more than the work */
-            explain_rows(&f, failed, phi, xs);
+            explain_rows(&f, failed, phi, acc, xs, sigs);
         } else {
             Py_BEGIN_ALLOW_THREADS
-            explain_rows(&f, failed, phi, xs);
+            explain_rows(&f, failed, phi, acc, xs, sigs);
             Py_END_ALLOW_THREADS
         }
     }
@@ -571,11 +762,253 @@ static PyObject *model_run(Model *self, PyObject *matrix_obj, PyObject *class_ob
 done:
     free(failed);
     free(phi);
+    free(acc);
     free(xs);
+    free(sigs);
     release(&matrix);
     release(&classes);
     release(&out);
     return result;
+}
+
+/* --- signature tables ------------------------------------------------------------------------------
+ * A tree's contributions to a row depend only on which side of each of its thresholds the row's values
+ * fall: on the row's bucket among the tree's distinct thresholds of each column it tests. A tree testing
+ * columns j1..jm with n1..nm distinct thresholds has (n1 + 1) x ... x (nm + 1) such signatures; for each,
+ * build_tables computes the tree's sums (every class, the tree's slots) once, with the same code and in
+ * the same order as a tree without a table is summed (tree_leaves from zeros, then flush_tree), so a row
+ * then costs one read per tree instead of a pass over its leaves. Trees with too many signatures, or
+ * beyond the memory budget, keep the pass over their leaves. Once built, every call uses them (the
+ * per-tree sums, whatever the number of rows), so a row's answer does not depend on its batch. */
+
+static int compare_floats(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* Sort v[0..n) and drop repeats; returns the count left. */
+static Py_ssize_t sorted_unique(float *v, Py_ssize_t n) {
+    if (n <= 1) {
+        return n;
+    }
+    qsort(v, (size_t)n, sizeof *v, compare_floats);
+    Py_ssize_t kept = 1;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        if (v[i] != v[kept - 1]) {
+            v[kept++] = v[i];
+        }
+    }
+    return kept;
+}
+
+/* A representative value of local bucket `b` of a column whose tree thresholds are t[0..count): exceeds
+ * exactly the first b of them. */
+static inline float bucket_value(const float *t, int32_t count, int64_t b) {
+    return b < count ? t[b] : nextafterf(t[count - 1], INFINITY);
+}
+
+typedef struct {
+    const float *local;        /* the tree's distinct thresholds, column after column */
+    const int32_t *local_start; /* (columns + 1) */
+    const int64_t *stride;      /* (columns,): 0 for columns the tree does not test */
+    int64_t n_sigs;
+    int32_t n_used;
+    const int32_t *slots;
+    double *values; /* (classes, n_sigs, n_used) */
+} TreeTable;
+
+ALWAYS_INLINE static inline void fill_block(const Forest *f, Py_ssize_t t, const TreeTable *tt, int64_t first,
+                                            uint32_t *failed, double *acc, float *xs, const int width) {
+    for (Py_ssize_t j = 0; j < f->n_columns; j++) {
+        int32_t lo = tt->local_start[j], count = tt->local_start[j + 1] - lo;
+        for (int r = 0; r < width; r++) {
+            xs[j * width + r] =
+                count > 0 ? bucket_value(tt->local + lo, count, ((first + r) / tt->stride[j]) % (count + 1)) : 0.0f;
+        }
+    }
+    tree_leaves(f, t, xs, failed, acc, NULL, 0, width);
+    for (int32_t k = 0; k < tt->n_used; k++) {
+        for (Py_ssize_t c = 0; c < f->n_classes; c++) {
+            double *a = acc + ((int64_t)tt->slots[k] * f->n_classes + c) * width;
+            for (int r = 0; r < width; r++) {
+                tt->values[((int64_t)c * tt->n_sigs + first + r) * tt->n_used + k] = a[r];
+                a[r] = 0.0;
+            }
+        }
+    }
+}
+
+VECTOR_CLONES static void fill_table(const Forest *f, Py_ssize_t t, const TreeTable *tt, uint32_t *failed,
+                                     double *acc, float *xs) {
+    int64_t first = 0;
+    for (; first + BLOCK <= tt->n_sigs; first += BLOCK) {
+        fill_block(f, t, tt, first, failed, acc, xs, BLOCK);
+    }
+    for (; first < tt->n_sigs; first++) {
+        fill_block(f, t, tt, first, failed, acc, xs, 1);
+    }
+}
+
+/* Build the tables (once; the GIL held, so two callers cannot both build). Returns 0 or -1 (exception). */
+static int build(Model *self, Py_ssize_t max_bytes, Py_ssize_t max_signatures) {
+    Forest *f = &self->f;
+    const Py_ssize_t n_trees = f->n_trees, n_columns = f->n_columns, n_classes = f->n_classes;
+    const Py_ssize_t n_inner_all = self->b[1].view.shape[0];
+    int status = -1;
+    int32_t *bucket_start = calloc((size_t)n_columns + 1, sizeof(int32_t));
+    float *bounds = malloc((size_t)(n_inner_all > 0 ? n_inner_all : 1) * sizeof(float));
+    int64_t *sig_offset = malloc((size_t)n_trees * sizeof(int64_t));
+    int32_t *sig_count = calloc((size_t)n_trees, sizeof(int32_t));
+    int32_t most_inner = 1;
+    for (Py_ssize_t t = 0; t < n_trees; t++) {
+        most_inner = f->trees[4 * t + 1] > most_inner ? f->trees[4 * t + 1] : most_inner;
+    }
+    float *local = malloc((size_t)most_inner * sizeof(float));
+    int32_t *local_start = malloc(((size_t)n_columns + 1) * sizeof(int32_t));
+    int64_t *stride = malloc((size_t)n_columns * sizeof(int64_t));
+    uint32_t *failed = malloc((size_t)f->max_slots_per_tree * BLOCK * sizeof(uint32_t));
+    double *acc = calloc((size_t)(f->n_slots * n_classes) * BLOCK, sizeof(double));
+    float *xs = malloc((size_t)n_columns * BLOCK * sizeof(float));
+    int32_t *lut = NULL;
+    double *values = NULL;
+    if (!bucket_start || !bounds || !sig_offset || !sig_count || !local || !local_start || !stride || !failed ||
+        !acc || !xs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Every column's distinct thresholds over the whole forest: a row's bucket in each is found once. */
+    Py_ssize_t n_bounds = 0;
+    for (Py_ssize_t j = 0; j < n_columns; j++) {
+        bucket_start[j] = (int32_t)n_bounds;
+        Py_ssize_t first = n_bounds;
+        for (Py_ssize_t g = 0; g < n_inner_all; g++) {
+            if (f->inner_feature[g] == j) {
+                bounds[n_bounds++] = f->inner_threshold[g];
+            }
+        }
+        n_bounds = first + sorted_unique(bounds + first, n_bounds - first);
+    }
+    bucket_start[n_columns] = (int32_t)n_bounds;
+    /* Which trees get a table, in tree order until the budget is spent. */
+    int64_t total = 0;
+    for (Py_ssize_t t = 0; t < n_trees; t++) {
+        const int32_t *tree = f->trees + 4 * t;
+        int64_t sigs = 1;
+        for (Py_ssize_t j = 0; j < n_columns && sigs <= max_signatures; j++) {
+            Py_ssize_t n = 0;
+            for (int32_t i = 0; i < tree[1]; i++) {
+                if (f->inner_feature[tree[0] + i] == j) {
+                    local[n++] = f->inner_threshold[tree[0] + i];
+                }
+            }
+            sigs *= sorted_unique(local, n) + 1;
+        }
+        int64_t n_used = f->tree_slot_start[t + 1] - f->tree_slot_start[t];
+        int64_t size = sigs * n_classes * n_used;
+        sig_offset[t] = -1;
+        if (sigs <= max_signatures && (total + size) * (int64_t)sizeof(double) <= (int64_t)max_bytes) {
+            sig_offset[t] = total;
+            sig_count[t] = (int32_t)sigs;
+            total += size;
+        }
+    }
+    lut = calloc((size_t)(n_bounds + n_columns) * (size_t)n_trees, sizeof(int32_t));
+    values = malloc((size_t)(total > 0 ? total : 1) * sizeof(double));
+    if (lut == NULL || values == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t tabled = 0;
+    for (Py_ssize_t t = 0; t < n_trees; t++) {
+        if (sig_offset[t] < 0) {
+            continue;
+        }
+        tabled++;
+        const int32_t *tree = f->trees + 4 * t;
+        int32_t n_local = 0;
+        int64_t step = 1;
+        for (Py_ssize_t j = 0; j < n_columns; j++) {
+            local_start[j] = n_local;
+            for (int32_t i = 0; i < tree[1]; i++) {
+                if (f->inner_feature[tree[0] + i] == j) {
+                    local[n_local++] = f->inner_threshold[tree[0] + i];
+                }
+            }
+            int32_t count = (int32_t)sorted_unique(local + local_start[j], n_local - local_start[j]);
+            n_local = local_start[j] + count;
+            stride[j] = count > 0 ? step : 1;
+            if (count == 0) {
+                continue;
+            }
+            /* A row in global bucket b (above the column's b smallest thresholds) is above those of the
+             * tree's thresholds that are among them. */
+            const float *global = bounds + bucket_start[j];
+            int32_t n_global = bucket_start[j + 1] - bucket_start[j], below = 0;
+            for (int32_t b = 0; b <= n_global; b++) {
+                while (b > 0 && below < count && local[local_start[j] + below] <= global[b - 1]) {
+                    below++;
+                }
+                lut[((int64_t)bucket_start[j] + j + b) * n_trees + t] = (int32_t)(step * below);
+            }
+            step *= count + 1;
+        }
+        local_start[n_columns] = n_local;
+        TreeTable tt = {
+            .local = local,
+            .local_start = local_start,
+            .stride = stride,
+            .n_sigs = sig_count[t],
+            .n_used = f->tree_slot_start[t + 1] - f->tree_slot_start[t],
+            .slots = f->tree_slots + f->tree_slot_start[t],
+            .values = values + sig_offset[t],
+        };
+        fill_table(f, t, &tt, failed, acc, xs);
+    }
+    self->bucket_start = bucket_start;
+    self->bucket_bounds = bounds;
+    self->bucket_lut = lut;
+    self->sig_count = sig_count;
+    self->sig_values = values;
+    self->sig_offset = sig_offset;
+    self->table_bytes = (Py_ssize_t)(total * (int64_t)sizeof(double) + (n_bounds + n_columns) * n_trees * 4);
+    self->table_trees = tabled;
+    f->bucket_start = bucket_start;
+    f->bucket_bounds = bounds;
+    f->bucket_lut = lut;
+    f->sig_count = sig_count;
+    f->sig_values = values;
+    f->sig_offset = sig_offset; /* last: the tables are in use from now on */
+    bucket_start = NULL, bounds = NULL, lut = NULL, sig_count = NULL, values = NULL, sig_offset = NULL;
+    status = 0;
+done:
+    free(bucket_start);
+    free(bounds);
+    free(sig_offset);
+    free(sig_count);
+    free(local);
+    free(local_start);
+    free(stride);
+    free(failed);
+    free(acc);
+    free(xs);
+    free(lut);
+    free(values);
+    return status;
+}
+
+static PyObject *Model_build_tables(Model *self, PyObject *args) {
+    Py_ssize_t max_bytes, max_signatures;
+    if (!PyArg_ParseTuple(args, "nn:build_tables", &max_bytes, &max_signatures)) {
+        return NULL;
+    }
+    if (max_signatures < 1 || max_signatures > INT32_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "build_tables: max_signatures must lie in 1 .. 2**30");
+        return NULL;
+    }
+    if (self->f.sig_offset == NULL && build(self, max_bytes, max_signatures) != 0) {
+        return NULL;
+    }
+    return Py_BuildValue("(nn)", self->table_bytes, self->table_trees);
 }
 
 static PyObject *Model_explain(Model *self, PyObject *args) {
@@ -600,6 +1033,9 @@ static PyMethodDef model_methods[] = {
     {"explain_class", (PyCFunction)Model_explain_class, METH_VARARGS,
      "explain_class(matrix, classes, out): each row's contributions to its class classes[row] (int64), "
      "out (rows, slots); the same numbers as explain gives that class."},
+    {"build_tables", (PyCFunction)Model_build_tables, METH_VARARGS,
+     "build_tables(max_bytes, max_signatures): precompute each tree's sums per signature (once; later calls "
+     "return at once); explaining then gives the same bits, faster. Returns (bytes, trees with a table)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -262,10 +262,14 @@ def output_table(
     ids: pa.Array, scores: Scores, model_version: str, reasons: TopReasons | None = None
 ) -> pa.Table:
     """The output rows: ``customer_id, segment, proba_<class>..., model_version`` (+ the reasons)."""
-    arrays: list[pa.Array] = [ids, pa.array(scores.labels, type=pa.string())]
+    if scores.index is not None:  # labels by index in Arrow: no Python string per row
+        segment = pa.array(scores.classes, pa.string()).take(pa.array(scores.index))
+    else:
+        segment = pa.array(scores.labels, type=pa.string())
+    arrays: list[pa.Array] = [ids, segment]
     for j in range(len(scores.classes)):
         arrays.append(pa.array(scores.probabilities[:, j].astype(np.float32), type=pa.float32()))
-    arrays.append(pa.array(np.full(len(ids), model_version, dtype=object), type=pa.string()))
+    arrays.append(pa.array([model_version], pa.string()).take(pa.array(np.zeros(len(ids), np.int32))))
     k = 0
     if reasons is not None:
         k = reasons.indices.shape[1]

@@ -66,6 +66,15 @@ class Scores:
     labels: np.ndarray
     probabilities: np.ndarray
     classes: tuple[str, ...]
+    index: np.ndarray | None = None
+    """Each row's label as its position in ``classes`` (intp), when the scorer knows it without a lookup
+    (the compiled forest); None otherwise. Batch code uses it instead of matching label text."""
+
+    def class_index(self) -> np.ndarray:
+        """Each row's label as its position in ``classes`` (the label given, not a second argmax)."""
+        if self.index is not None:
+            return self.index
+        return _class_indices(self, self.classes)
 
 
 # -- building a bundle (training time) -------------------------------------------------------------
@@ -200,7 +209,7 @@ class Scorer:
         if self._forest is not None:
             index, proba = self._forest.predict(self._forest.encode(columns))
             labels = np.asarray(self.classes)[index] if len(proba) else np.array([], dtype=str)
-            return Scores(labels=labels, probabilities=proba, classes=self.classes)
+            return Scores(labels=labels, probabilities=proba, classes=self.classes, index=index)
         if self._session is not None:
             labels, proba = _run_onnx(self._session, columns)
         else:
@@ -222,7 +231,7 @@ class Scorer:
         for prepared inputs; ``scores`` of the same rows saves scoring them again."""
         explainer = self._require_explainer()
         scores = scores if scores is not None else self.score_columns(columns)
-        predicted = _class_indices(scores, self.classes)
+        predicted = scores.class_index()
         base, contributions = explainer.explain_class(columns, predicted)  # only the predicted class
         return predicted, base, contributions
 
@@ -249,10 +258,17 @@ class Scorer:
 
 def _class_indices(scores: Scores, classes: tuple[str, ...]) -> np.ndarray:
     """The index of each row's predicted class (the label the scorer gave, not a second argmax)."""
-    lookup = {c: i for i, c in enumerate(classes)}
-    return np.fromiter(
-        (lookup[str(label)] for label in scores.labels), dtype=np.intp, count=len(scores.labels)
-    )
+    labels = scores.labels
+    if len(labels) <= 8:  # the API's few rows: a dict lookup beats numpy's set-up
+        lookup = {c: i for i, c in enumerate(classes)}
+        return np.fromiter((lookup[str(label)] for label in labels), dtype=np.intp, count=len(labels))
+    text = np.asarray(labels).astype(str)
+    index = np.full(len(text), -1, dtype=np.intp)
+    for i, c in enumerate(classes):
+        index[text == c] = i
+    if (index < 0).any():
+        raise KeyError(str(text[np.flatnonzero(index < 0)[0]]))
+    return index
 
 
 def _load_explainer(folder: Path, meta: Mapping[str, Any], classes: tuple[str, ...]) -> TreeExplainer:

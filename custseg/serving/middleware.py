@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -102,7 +102,7 @@ class ApiMiddleware:
         *,
         settings: Settings,
         metrics: ApiMetrics,
-        direct: dict[str, Endpoint] | None = None,
+        direct: Mapping[str, Endpoint] | None = None,
     ) -> None:
         self.app = app
         self.direct = dict(direct or {})  # POST path -> endpoint, called without the router

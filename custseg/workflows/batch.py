@@ -170,10 +170,12 @@ def _threaded_score(scorer: Scorer, pool: ThreadPoolExecutor, workers: int) -> S
         bounds = np.linspace(0, n, workers + 1, dtype=int)
         parts = [{k: v[a:b] for k, v in columns.items()} for a, b in itertools.pairwise(bounds)]
         results = list(pool.map(scorer.score_columns, parts))
+        indices = [r.index for r in results if r.index is not None]
         return Scores(
             np.concatenate([r.labels for r in results]),
             np.concatenate([r.probabilities for r in results]),
             scorer.classes,
+            np.concatenate(indices) if len(indices) == len(results) else None,
         )
 
     return score
@@ -190,7 +192,12 @@ def _threaded_reasons(scorer: Scorer, pool: ThreadPoolExecutor, workers: int, k:
         parts = [
             (
                 {name: v[a:b] for name, v in columns.items()},
-                Scores(scores.labels[a:b], scores.probabilities[a:b], scores.classes),
+                Scores(
+                    scores.labels[a:b],
+                    scores.probabilities[a:b],
+                    scores.classes,
+                    None if scores.index is None else scores.index[a:b],
+                ),
             )
             for a, b in itertools.pairwise(bounds)
         ]

@@ -311,3 +311,56 @@ def test_the_kernel_is_built() -> None:
     assert kernel_available(), (
         "custseg.scoring._treeshap is missing: reinstall with a C compiler (gcc) available"
     )
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+@pytest.mark.parametrize(
+    "limits",
+    [(2**30, 2**16), (400_000, 2**16), (2**30, 3000)],
+    ids=["every-tree-that-fits", "budget-spent-midway", "few-signatures"],
+)
+def test_signature_tables_agree_with_the_leaf_pass_and_with_shap(
+    name: str,
+    limits: tuple[int, int],
+    fitted: dict,  # type: ignore[type-arg]
+) -> None:
+    """Bulk explaining reads precomputed per-tree sums; trees without a table (over the budget, too many
+    signatures) are summed per tree too, in the same run. The answers are the leaf pass's up to float64
+    rounding, shap still agrees, and with the tables a row's bits do not depend on its batch or thread."""
+    pipeline = fitted[name]
+    leaves, tabled = TreeExplainer.from_pipeline(pipeline), TreeExplainer.from_pipeline(pipeline)
+    fresh = generate(300, seed=23)[FEATURES]
+    frame = pd.concat([fresh, threshold_rows(pipeline, fresh)], ignore_index=True)
+    matrix = leaves.encode(to_columns(frame))
+    predicted = np.random.default_rng(1).integers(0, len(leaves.classes), len(matrix))
+    expected_all = leaves.explain_matrix(matrix).contributions
+    expected_one = leaves.explain_matrix_class(matrix, predicted)[1]
+    size, trees = tabled.build_tables(*limits)
+    assert 0 <= trees <= tabled.n_trees
+    if name == "rf_balanced_depth8" and limits[1] > 3000:  # 40 trees of up to 256 leaves: ~1 MB each
+        assert trees == {2**30: 40, 400_000: 3}[limits[0]]
+    assert tabled.build_tables(*limits) == (size, trees)  # once
+    full = tabled.explain_matrix(matrix).contributions
+    np.testing.assert_allclose(full, expected_all, rtol=0, atol=1e-13)
+    one = tabled.explain_matrix_class(matrix, predicted)[1]
+    np.testing.assert_allclose(one, expected_one, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(one, full[np.arange(len(matrix)), predicted])
+    np.testing.assert_array_equal(tabled.explain_matrix_class(matrix, predicted, threads=2)[1], one)
+    alone = [tabled.explain_matrix_class(matrix[i : i + 1], predicted[i : i + 1])[1] for i in range(5)]
+    np.testing.assert_array_equal(np.concatenate(alone), one[:5])
+    fours = [tabled.explain_matrix_class(matrix[i : i + 4], predicted[i : i + 4])[1] for i in range(0, 8, 4)]
+    np.testing.assert_array_equal(np.concatenate(fours), one[:8])
+    assert_exact(check_explainer(pipeline, tabled, frame))
+
+
+def test_a_bulk_call_builds_the_tables_and_a_small_one_does_not(fitted: dict) -> None:  # type: ignore[type-arg]
+    from custseg.scoring.explainer import SIGNATURE_ROWS
+
+    explainer = TreeExplainer.from_pipeline(fitted["rf_balanced_depth8"])
+    small = explainer.encode(to_columns(generate(50, seed=24)[FEATURES]))
+    before = explainer.explain_matrix(small).contributions
+    assert "signature_table_trees" not in explainer.stats
+    bulk = explainer.encode(to_columns(generate(SIGNATURE_ROWS, seed=25)[FEATURES]))
+    explainer.explain_matrix_class(bulk, np.zeros(len(bulk), dtype=np.int64))
+    assert explainer.stats["signature_table_trees"] == explainer.n_trees
+    np.testing.assert_allclose(explainer.explain_matrix(small).contributions, before, rtol=0, atol=1e-13)
