@@ -24,6 +24,7 @@
 #define BLOCK 128
 #define MAX_COLUMNS 16
 #define MAX_WIDTH 8
+#define SMALL_CALL_ROWS 4 /* up to this many rows a call keeps the GIL (the API scores one row at a time) */
 
 typedef struct {
     Py_buffer view;
@@ -172,7 +173,9 @@ static PyObject *walk_any(PyObject *args, int wide) {
         PyErr_Format(PyExc_ValueError, "malformed forest: %s", problem);
         goto done;
     }
-    Py_BEGIN_ALLOW_THREADS
+    /* The API's few rows keep the GIL: releasing it would let another thread (the prediction log's writer)
+     * in mid-request, and the request would wait for it to hand the GIL back. */
+    PyThreadState *released = n > SMALL_CALL_ROWS ? PyEval_SaveThread() : NULL;
     if (wide) {
         walk_rows64(matrix.view.buf, n, n_columns, nodes.view.buf, values.view.buf, width, roots.view.buf,
                     depths.view.buf, n_trees, out.view.buf, n_classes);
@@ -180,7 +183,9 @@ static PyObject *walk_any(PyObject *args, int wide) {
         walk_rows32(matrix.view.buf, n, n_columns, nodes.view.buf, values.view.buf, width, roots.view.buf,
                     depths.view.buf, n_trees, out.view.buf, n_classes);
     }
-    Py_END_ALLOW_THREADS
+    if (released != NULL) {
+        PyEval_RestoreThread(released);
+    }
     result = Py_None;
     Py_INCREF(result);
 done:

@@ -38,6 +38,7 @@
 #define MAX_CLASSES 8
 #define MASK_BYTES 16384 /* a block's masks: about a third of L1 */
 #define MAX_BLOCK 64
+#define SMALL_CALL_ROWS 4 /* up to this many rows a call keeps the GIL (the API scores one row at a time) */
 
 typedef struct {
     Py_buffer view;
@@ -255,9 +256,13 @@ static PyObject *sums(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    Py_BEGIN_ALLOW_THREADS
-    score(&f, matrix.view.buf, bounds.view.buf, matrix.view.itemsize == 8, masks, block);
-    Py_END_ALLOW_THREADS
+    if (f.n <= SMALL_CALL_ROWS) { /* the API's rows: releasing the GIL would let another thread in mid-request */
+        score(&f, matrix.view.buf, bounds.view.buf, matrix.view.itemsize == 8, masks, block);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        score(&f, matrix.view.buf, bounds.view.buf, matrix.view.itemsize == 8, masks, block);
+        Py_END_ALLOW_THREADS
+    }
     result = Py_None;
     Py_INCREF(result);
 done:

@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
@@ -78,12 +79,40 @@ _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 
 
+class _RandomBytes:
+    """The operating system's random bytes, fetched 4 KiB at a time and handed out in pieces.
+
+    ``os.urandom`` per request was a system call that released the interpreter lock mid-request: with
+    the prediction log's writer thread waiting for it, the request then waited for the writer's turn to
+    end (bench/bench_app.py: the request thread's CPU with the log on). A new process (or a fork) starts
+    from fresh bytes: the pool remembers the process that filled it."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+        self._pid = 0
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            if self._at + n > len(self._pool) or self._pid != os.getpid():
+                self._pool, self._at, self._pid = os.urandom(self.SIZE), 0, os.getpid()
+            piece = self._pool[self._at : self._at + n]
+            self._at += n
+            return piece
+
+
+_RANDOM = _RandomBytes()
+
+
 def new_request_id() -> str:
     """A UUIDv7 as 32 hex digits: time-ordered, so the prediction log's unique index on request_id
     grows at its end. Random uuid4 ids made every logged batch rewrite pages all over that index,
     which cost more CPU than the rest of the logging as the table grew (see bench/bench_api.py)."""
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(_RANDOM.take(10), "big")
     high, low = rand >> 68, rand & (2**62 - 1)  # 12 and 62 random bits around the version and variant
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | high << 64 | 0b10 << 62 | low
     return f"{value:032x}"
