@@ -23,7 +23,7 @@ from custseg.predlog import PredictionLog
 from custseg.registry.client import connect, download_bundle, load_scorer
 from custseg.scoring.scorer import BUNDLE_FILE, Scorer, to_columns, typed_frame
 from custseg.serving.app import create_app
-from custseg.serving.holder import LoadedModel
+from custseg.serving.holder import LoadedModel, load_api_scorer
 from custseg.settings import Settings
 from tests.conftest import TrainedHome
 
@@ -92,9 +92,10 @@ def test_explain_adds_one_explanation_per_record_parallel_to_prediction(
             assert reason["text"].endswith(f"{reason['contribution']:+.2f}")
 
 
-def test_explain_equals_the_scorers_own_explanations(client: TestClient, scorer: Scorer) -> None:
+def test_explain_equals_the_scorers_own_explanations(client: TestClient, trained_home: TrainedHome) -> None:
     records = _records(12)
     body = client.post("/predict?explain=4", json=records).json()  # > 4 rows: explained in a worker thread
+    scorer = load_api_scorer(trained_home.settings)[0]  # loaded on its own, as the API loads it
     expected = scorer.explain(to_columns(typed_frame(records)), 4)
     assert body["explanations"] == [e.to_dict() for e in expected]
 
@@ -245,3 +246,22 @@ def test_reasons_the_api_answered_with_are_kept_in_the_prediction_log(
         assert stored == [[r["code"], round(r["contribution"], 6)] for r in explanation["reasons"]]
     assert pd.isna(logged[(plain["request_id"], 0)])  # not asked: NULL
     assert np.isclose(stored[0][1], explained["explanations"][1]["reasons"][0]["contribution"], atol=1e-6)
+
+
+def test_the_served_explainer_has_its_signature_tables_and_answers_as_the_leaf_pass(
+    client: TestClient, exact: Scorer
+) -> None:
+    """The API builds the explainer's signature tables when it loads a model (one table read per tree
+    for each explained row); the contributions are those of the leaf pass (`exact`, never given a
+    call big enough to build them) up to float64 rounding."""
+    served: LoadedModel = client.app.state.holder.current  # type: ignore[attr-defined]
+    explainer = served.scorer.explainer
+    assert explainer is not None and explainer.stats.get("signature_table_trees", 0) > 0
+    assert exact.explainer is not None and "signature_table_trees" not in exact.explainer.stats
+    records = [PROTOTYPE, HIGH, LOW, *_records(5, seed=3)]
+    columns = to_columns(typed_frame(records))
+    with_tables = served.scorer.contributions(columns)
+    leaf_pass = exact.contributions(columns)
+    np.testing.assert_array_equal(with_tables[0], leaf_pass[0])
+    np.testing.assert_allclose(with_tables[2], leaf_pass[2], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(with_tables[1], leaf_pass[1], rtol=0, atol=1e-12)
