@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -57,6 +60,41 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
             process.kill()
             process.wait(5)
     return process.returncode
+
+
+AZMLINFSRV = Path(sys.executable).parent / "azmlinfsrv"
+"""Microsoft's Azure ML inference server (the `azure` extra)."""
+
+
+@contextmanager
+def azure_inference_server(
+    entry_script: Path, model_dir: Path, log: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``azmlinfsrv`` serving ``entry_script`` on ``model_dir`` (``AZUREML_MODEL_DIR``) on a free loopback
+    port, output in ``log``; yields its URL once ``/`` answers, stops it on the way out."""
+    assert AZMLINFSRV.is_file(), f"{AZMLINFSRV} missing: pip install -e '.[azure]'"
+    port = free_port()
+    environment = {
+        **os.environ,
+        "AZUREML_MODEL_DIR": str(model_dir),
+        # gunicorn 26 opens a control socket under ~/.gunicorn; parallel test servers would share it
+        "GUNICORN_CMD_ARGS": "--no-control-socket",
+        **(env or {}),
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(AZMLINFSRV), "--entry_script", str(entry_script), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=log.parent,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/", process, log)
+        yield url
+    finally:
+        stop(process)
 
 
 def _tail(log: Path, lines: int = 40) -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from custseg.workflows.spark import score_with_spark
 from custseg.workflows.train import Registration, train_and_register
 from tests.conftest import FIXTURE_CV_REPEATS, REPO
 from tests.integration.workflows.test_spark import spark  # noqa: F401  (the session's Spark)
-from tests.servers import free_port, stop, wait_for_http
+from tests.servers import azure_inference_server
 
 pytestmark = [
     pytest.mark.skipif(not kernel_available(), reason="the C kernel is not built here"),
@@ -51,7 +49,6 @@ pytestmark = [
 
 FEATURES = list(schema.FEATURE_NAMES)
 SCORE_SCRIPT = REPO / "deploy" / "azureml" / "score.py"
-AZMLINFSRV = Path(sys.executable).parent / "azmlinfsrv"
 ROUNDED = 0.5e-6
 """The JSON answers (API, pyfunc, Azure) round probabilities to six decimals."""
 
@@ -239,33 +236,13 @@ def test_pyfunc_gives_sklearns_probabilities(boosted: Boosted) -> None:
 @pytest.fixture(scope="module")
 def azure_server(boosted: Boosted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """deploy/azureml/score.py under Microsoft's inference server, on the registered version's folder."""
-    assert AZMLINFSRV.is_file(), f"{AZMLINFSRV} missing: pip install -e '.[azure]'"
     connect(boosted.settings)
     folder = tmp_path_factory.mktemp("azureml")
     model_dir = mlflow.artifacts.download_artifacts(
         "models:/customer-segments/1", dst_path=str(folder / "model")
     )
-    port = free_port()
-    log = folder / "server.log"
-    env = {
-        **os.environ,
-        "AZUREML_MODEL_DIR": str(model_dir),
-        "GUNICORN_CMD_ARGS": "--no-control-socket",  # see test_azure.py
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(AZMLINFSRV), "--entry_script", str(SCORE_SCRIPT), "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=folder,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/", process, log)
+    with azure_inference_server(SCORE_SCRIPT, Path(model_dir), folder / "server.log") as url:
         yield url
-    finally:
-        stop(process)
 
 
 @pytest.mark.service
@@ -285,6 +262,18 @@ def test_azure_entry_script_under_azmlinfsrv_gives_sklearns_probabilities(
     assert answer["prediction"] == list(boosted.pipeline.predict(frame))
     got = np.array([[row[c] for c in boosted.classes] for row in answer["probabilities"]])
     assert np.abs(got - boosted.pipeline.predict_proba(frame)).max() <= ROUNDED + boosted.served_tolerance
+
+
+def _assert_scored_with_shaps_reasons(out: pd.DataFrame, features: pd.DataFrame, boosted: Boosted) -> None:
+    """A scored file (rows in input order, ``--reasons 3``): scikit-learn's segments, its probabilities
+    as float32, and shap's top three reasons."""
+    assert out["segment"].tolist() == list(boosted.pipeline.predict(features))
+    _assert_float32_of(
+        out[[f"proba_{c}" for c in boosted.classes]].to_numpy(),
+        boosted.pipeline.predict_proba(features),
+        BOOSTING_TOLERANCE,
+    )
+    _assert_top_reasons_are_shaps(out, features, boosted, 3)
 
 
 def _input_file(path: Path, rows: int, seed: int) -> pd.DataFrame:
@@ -309,15 +298,8 @@ def test_custseg_score_uses_the_kernel_with_sklearns_probabilities_and_shaps_rea
     assert result.exit_code == 0, result.output
     out = pd.read_parquet(tmp_path / "out.parquet")
     assert out[schema.ID_COLUMN].tolist() == inputs[schema.ID_COLUMN].tolist()
-    features = inputs[FEATURES]
-    assert out["segment"].tolist() == list(boosted.pipeline.predict(features))
-    _assert_float32_of(
-        out[[f"proba_{c}" for c in boosted.classes]].to_numpy(),
-        boosted.pipeline.predict_proba(features),
-        BOOSTING_TOLERANCE,
-    )
+    _assert_scored_with_shaps_reasons(out, inputs[FEATURES], boosted)
     assert set(out["model_version"]) == {"1"}
-    _assert_top_reasons_are_shaps(out, features, boosted, 3)
 
 
 @pytest.mark.service
@@ -334,11 +316,4 @@ def test_spark_engine_uses_the_kernel_with_sklearns_probabilities_and_shaps_reas
     assert summary.engine == "spark" and summary.rows_scored == 3_000 and summary.rows_rejected == 0
     out = pd.read_parquet(tmp_path / "out.parquet").set_index(schema.ID_COLUMN)
     out = out.loc[inputs[schema.ID_COLUMN]].reset_index()  # Spark writes partitions in its own order
-    features = inputs[FEATURES]
-    assert out["segment"].tolist() == list(boosted.pipeline.predict(features))
-    _assert_float32_of(
-        out[[f"proba_{c}" for c in boosted.classes]].to_numpy(),
-        boosted.pipeline.predict_proba(features),
-        BOOSTING_TOLERANCE,
-    )
-    _assert_top_reasons_are_shaps(out, features, boosted, 3)
+    _assert_scored_with_shaps_reasons(out, inputs[FEATURES], boosted)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,9 @@ from custseg.errors import BundleVerificationError, ModelLoadError, ModelNotFoun
 from custseg.registry.client import connect
 from custseg.settings import Settings
 from tests.conftest import REPO, TrainedHome
-from tests.servers import PROTOTYPE_BODY, free_port, stop, wait_for_http
+from tests.servers import AZMLINFSRV, PROTOTYPE_BODY, azure_inference_server, free_port, stop
 
 SCORE_SCRIPT = REPO / "deploy" / "azureml" / "score.py"
-AZMLINFSRV = Path(sys.executable).parent / "azmlinfsrv"
 
 MAX_ROWS = 20
 MAX_BODY_BYTES = 20_000
@@ -48,31 +46,10 @@ def model_dir(trained_home: TrainedHome, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def azure_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    assert AZMLINFSRV.is_file(), f"{AZMLINFSRV} missing: pip install -e '.[azure]'"
-    port = free_port()
     log = tmp_path_factory.mktemp("azmlinfsrv") / "server.log"
-    env = {
-        **os.environ,
-        "AZUREML_MODEL_DIR": str(model_dir),
-        "CUSTSEG_MAX_BATCH_ROWS": str(MAX_ROWS),
-        "CUSTSEG_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-        # gunicorn 26 opens a control socket under ~/.gunicorn; parallel test servers would share it
-        "GUNICORN_CMD_ARGS": "--no-control-socket",
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(AZMLINFSRV), "--entry_script", str(SCORE_SCRIPT), "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=log.parent,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/", process, log)
+    limits = {"CUSTSEG_MAX_BATCH_ROWS": str(MAX_ROWS), "CUSTSEG_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
+    with azure_inference_server(SCORE_SCRIPT, model_dir, log, limits) as url:
         yield url
-    finally:
-        stop(process)
 
 
 def _post(url: str, body: str | bytes, **headers: str) -> httpx.Response:

@@ -141,6 +141,9 @@ def test_scoring_context_is_read_from_the_state_not_resolved_as_a_dependency() -
         assert route.dependant.dependencies == []  # type: ignore[attr-defined]
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def _answers_of(app: FastAPI, served: LoadedModel) -> list[tuple[Any, ...]]:
     """Status, body without ids, and header names of scoring POSTs: good, batch, invalid, explained."""
     bad_value = {**PROTOTYPE, "age": -3}
@@ -159,9 +162,6 @@ def _answers_of(app: FastAPI, served: LoadedModel) -> list[tuple[Any, ...]]:
         answers.append(("no body", client.post("/predict", content=b"", headers=JSON).status_code))
         answers.append(("GET", client.get("/predict").status_code))  # the router's 405, either way
     return answers
-
-
-JSON = {"Content-Type": "application/json"}
 
 
 def test_scoring_posts_skip_the_router_and_answer_exactly_as_through_it(
