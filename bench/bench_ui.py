@@ -11,7 +11,7 @@ Usage::
 
     .venv/bin/python bench/bench_ui.py [--rows 100000] [--repeats 3] [--reasons 0] [--home DIR]
     .venv/bin/python bench/bench_ui.py --part pages [--log-rows 1000000] [--backends sqlite,postgresql]
-        [--window-baseline] [--home DIR]
+        [--window-baseline] [--compare-feedback-join] [--home DIR]
 
 The champion comes from ``--home`` (a CUSTSEG_HOME), or one is trained on 1,000 generated rows in a
 temporary home. The machine's load (``uptime``) is printed beside the figures.
@@ -20,6 +20,7 @@ temporary home. The machine's load (``uptime``) is printed beside the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -28,8 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 
@@ -187,14 +190,20 @@ def print_upload(result: dict[str, Any]) -> None:
 # ``bench_pages`` fills a prediction log with ``--log-rows`` predictions spread over the last 7 days (4 rows
 # per request, true segments for 2% of them), on SQLite and on the PostgreSQL server at 127.0.0.1:5432
 # (database ``test``, tables with their own prefix, dropped afterwards), then requests each page in-process
-# (TestClient on the real app) and reads the server's time from its ``Server-Timing: app;dur=`` header:
-# ``first`` after start (the rollup of the log built, registry read), ``steady`` (the 5-second page cache
-# expired, the in-memory rollup only catching up: what each visit costs on a running server) and
-# ``cached``. The baseline is the same per-bucket numbers by ``GROUP BY`` over the window without the
+# (TestClient on the app as ``custseg serve`` runs it, its heap frozen for the garbage collector once
+# started) and reads the server's time from its ``Server-Timing: app;dur=`` header: ``first`` after
+# start (the rollup of the log and its feedback matches built, registry read), ``steady`` (the 5-second
+# page cache expired, the in-memory rollup only catching up: what each visit costs on a running server)
+# and ``cached``. The baseline is the same per-bucket numbers by ``GROUP BY`` over the window without the
 # rollup (``custseg.predlog.queries.traffic`` + ``segment_mix``) and, with ``--window-baseline``, reading
 # the day window into pandas as ``custseg monitor`` does (``PredictionStore.window``; off by default: with
-# 1M predictions it takes minutes on SQLite and about 6 minutes on PostgreSQL). Page weight: the HTML plus
-# every script and stylesheet it loads, raw and gzip-compressed.
+# 1M predictions it takes minutes on SQLite and about 6 minutes on PostgreSQL). With
+# ``--compare-feedback-join`` every steady render is followed by one made as before the feedback matches
+# were kept in the rollup (``custseg.predlog.queries.confusion`` joined on every visit), alternating in the
+# same process on the same log. The PostgreSQL tables are analyzed after loading (this server runs without
+# autovacuum, which would do it). Page weight: the HTML plus every script and stylesheet it loads, raw and
+# gzip-compressed. Beside each server time: the process CPU per steady render (the app and, for SQLite,
+# the database; PostgreSQL's own CPU is not in it) and the load average at the time.
 
 PAGES = (
     "/ui/monitoring?window=hour",
@@ -258,6 +267,12 @@ def fill_log(store: Any, rows: int, now: float, seed: int = 0) -> None:
     with store.engine.begin() as conn:
         for part in range(0, len(truth_rows), 50_000):
             conn.execute(sa.insert(store.feedback), truth_rows[part : part + 50_000])
+    if store.engine.dialect.name == "postgresql":
+        with store.engine.begin() as conn:
+            for table in (store.predictions, store.feedback):
+                conn.exec_driver_sql(
+                    f"ANALYZE {store.engine.dialect.identifier_preparer.format_table(table)}"
+                )
 
 
 def _insert(store: Any, rows: list[tuple[Any, ...]]) -> None:
@@ -290,6 +305,64 @@ def _server_ms(response: Any) -> float:
     return float(match.group(1))
 
 
+@contextlib.contextmanager
+def feedback_joined_per_visit(store: Any) -> Iterator[None]:
+    """The dashboard as before the feedback matches were kept in its rollup: no matches brought up to
+    date, the confusion counts joined from the feedback on every visit (per window, per model version),
+    on the render's own connection as before."""
+    from custseg.predlog import queries
+    from custseg.workflows import dashboard
+
+    connections: dict[int, Any] = {}
+
+    def keep_connection(rollup: Any, conn: Any, *_args: Any) -> None:
+        connections[id(rollup)] = conn
+
+    def per_bucket(rollup: Any, span: Any) -> Any:
+        return queries.confusion(connections[id(rollup)], store.tables, span)
+
+    def per_version(rollup: Any) -> Any:
+        return queries.confusion(connections[id(rollup)], store.tables, None, by="model_version")
+
+    with (
+        mock.patch.object(dashboard.Rollup, "_refresh_matches", keep_connection),
+        mock.patch.object(dashboard.Rollup, "confusion", per_bucket),
+        mock.patch.object(dashboard.Rollup, "confusion_per_version", per_version),
+    ):
+        yield
+
+
+def check_matches(store: Any) -> None:
+    """The rollup's confusion counts equal the feedback joined afresh, for every window and per model
+    version, on this log (the two ways the comparison timed must answer the same)."""
+    import pandas as pd
+
+    from custseg.predlog import queries
+    from custseg.workflows import dashboard
+
+    now = time.time()
+    rollup = dashboard.rollup_of(store)
+    with store.engine.connect() as conn:
+        for window in dashboard.WINDOWS.values():
+            span = dashboard.span_of(window, now)
+            rollup.refresh(conn, store, span.until)
+            pd.testing.assert_frame_equal(rollup.confusion(span), queries.confusion(conn, store.tables, span))
+        joined = queries.confusion(conn, store.tables, None, by="model_version")
+        pd.testing.assert_frame_equal(rollup.confusion_per_version(), joined)
+    rows = int(joined["rows"].sum())
+    print(f"the rollup's feedback matches equal the join: 3 windows and per version ({rows:,} matches)")
+
+
+def steady_ms(client: Any, path: str) -> tuple[float, float]:
+    """One steady render (the 5-second page cache expired, the rollup kept): server ms, process CPU ms."""
+    from custseg.workflows import dashboard
+
+    dashboard._pages.clear()
+    cpu = time.process_time()
+    server = _server_ms(client.get(path))
+    return server, (time.process_time() - cpu) * 1000
+
+
 def page_weight(client: Any, path: str) -> tuple[int, int]:
     """Bytes of the page's HTML and every script and stylesheet it loads: (raw, gzip level 6)."""
     import gzip
@@ -301,16 +374,24 @@ def page_weight(client: Any, path: str) -> tuple[int, int]:
 
 
 def bench_pages(
-    home: Path, work: Path, rows: int, repeats: int, backends: list[str], window_baseline: bool = False
+    home: Path,
+    work: Path,
+    rows: int,
+    repeats: int,
+    backends: list[str],
+    window_baseline: bool = False,
+    compare: bool = False,
 ) -> list[dict[str, Any]]:
     """Server time (first, steady, cached) and weight of each page with ``rows`` logged predictions;
-    with ``window_baseline``, also the day window read into pandas (minutes with 1M rows)."""
+    with ``window_baseline``, also the day window read into pandas (minutes with 1M rows); with
+    ``compare``, steady renders with the feedback joined on every visit, alternating with ours."""
     import uuid
 
     from starlette.testclient import TestClient
 
     from custseg.predlog import PredictionLog, queries
     from custseg.serving.app import create_app
+    from custseg.serving.server import settle_after_startup
     from custseg.settings import Settings
     from custseg.workflows import dashboard
 
@@ -334,28 +415,42 @@ def bench_pages(
                 monitor_refresh_seconds=0,
             )
             dashboard.clear_caches()
-            with TestClient(create_app(settings, prediction_log=log)) as client:
+            app = create_app(settings, prediction_log=log)
+            settle_after_startup(app)  # as custseg serve runs it: the heap after startup frozen for the GC
+            with TestClient(app) as client:
                 for path in PAGES:
                     dashboard.clear_caches()
                     first = _server_ms(client.get(path))
-                    steady, cached = [], []
+                    steady, cached, joined = [], [], []
+                    loads = [os.getloadavg()[0]]
                     for _ in range(repeats):
-                        dashboard._pages.clear()  # the 5-second page cache expired; rollup kept
-                        steady.append(_server_ms(client.get(path)))
+                        steady.append(steady_ms(client, path))
                         cached.append(_server_ms(client.get(path)))
+                        if compare:
+                            with feedback_joined_per_visit(log.store):
+                                joined.append(steady_ms(client, path))
+                        loads.append(os.getloadavg()[0])
                     raw, gz = page_weight(client, path)
-                    results.append(
-                        {
-                            "backend": backend,
-                            "page": path,
-                            "first": first,
-                            "steady": statistics.median(steady),
-                            "cached": statistics.median(cached),
-                            "raw": raw,
-                            "gzip": gz,
-                        }
-                    )
+                    result = {
+                        "backend": backend,
+                        "page": path,
+                        "first": first,
+                        "steady": statistics.median(s[0] for s in steady),
+                        "steady_each": [round(s[0]) for s in steady],
+                        "steady_cpu": statistics.median(s[1] for s in steady),
+                        "cached": statistics.median(cached),
+                        "raw": raw,
+                        "gzip": gz,
+                        "load": (min(loads), max(loads)),
+                    }
+                    if compare:
+                        result["joined"] = statistics.median(s[0] for s in joined)
+                        result["joined_cpu"] = statistics.median(s[1] for s in joined)
+                        result["joined_each"] = [round(s[0]) for s in joined]
+                    results.append(result)
                     print(results[-1], flush=True)
+                if compare:
+                    check_matches(log.store)
                 # the baselines: GROUP BY over the window without the rollup; the window read into pandas
                 now = time.time()
                 for name in ("day", "week"):
@@ -395,13 +490,21 @@ def bench_pages(
 
 
 def print_pages(results: list[dict[str, Any]]) -> None:
-    print("\nMonitoring and Models pages: server time in ms (median), page weight in KiB")
-    print(f"  {'backend':10} {'page':44} {'first':>8} {'steady':>8} {'cached':>8} {'raw':>8} {'gzip':>8}")
+    print("\nMonitoring and Models pages: server time in ms (median), process CPU per steady render in ms,")
+    print("page weight in KiB; 'joined': steady with the feedback joined on every visit (as before)")
+    print(
+        f"  {'backend':10} {'page':34} {'first':>7} {'steady':>7} {'cpu':>6} {'joined':>7} {'cpu':>6}"
+        f" {'cached':>7} {'raw':>5} {'gzip':>5}  load"
+    )
     for r in results:
-        first = f"{r['first']:8.0f}" if "first" in r else " " * 8
-        cached = f"{r['cached']:8.1f}" if "cached" in r else " " * 8
-        weight = f"{r['raw'] / 1024:8.0f} {r['gzip'] / 1024:8.0f}" if "raw" in r else ""
-        print(f"  {r['backend']:10} {r['page']:44} {first} {r['steady']:8.0f} {cached} {weight}")
+        first = f"{r['first']:7.0f}" if "first" in r else " " * 7
+        cpu = f"{r['steady_cpu']:6.0f}" if "steady_cpu" in r else " " * 6
+        joined = f"{r['joined']:7.0f} {r['joined_cpu']:6.0f}" if "joined" in r else " " * 14
+        cached = f"{r['cached']:7.1f}" if "cached" in r else " " * 7
+        weight = f"{r['raw'] / 1024:5.0f} {r['gzip'] / 1024:5.0f}" if "raw" in r else " " * 11
+        load = f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" if "load" in r else ""
+        steady = f"{r['steady']:7.0f}"
+        print(f"  {r['backend']:10} {r['page']:34} {first} {steady} {cpu} {joined} {cached} {weight}  {load}")
 
 
 # ---- end of bench_pages ------------------------------------------------------------------------------
@@ -418,6 +521,11 @@ def main() -> None:
     parser.add_argument("--log-rows", type=int, default=1_000_000, help="predictions logged for bench_pages")
     parser.add_argument("--backends", default="sqlite,postgresql", help="prediction logs for bench_pages")
     parser.add_argument(
+        "--compare-feedback-join",
+        action="store_true",
+        help="bench_pages: alternate steady renders with ones joining the feedback per visit (as before)",
+    )
+    parser.add_argument(
         "--window-baseline",
         action="store_true",
         help="bench_pages: also time reading the day window into pandas (custseg monitor's read; minutes)",
@@ -431,7 +539,16 @@ def main() -> None:
             print_upload(result)
         if args.part in ("all", "pages"):
             backends = args.backends.split(",")
-            print_pages(bench_pages(home, work, args.log_rows, args.repeats, backends, args.window_baseline))
+            results = bench_pages(
+                home,
+                work,
+                args.log_rows,
+                args.repeats,
+                backends,
+                args.window_baseline,
+                args.compare_feedback_join,
+            )
+            print_pages(results)
         print(f"  load: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f} (uptime)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -320,19 +320,35 @@ class Rollup:
     ``ROLLUP_HORIZON`` seconds. The first use aggregates the horizon once (a ``GROUP BY`` over the
     ``ts`` index); every later use adds only the rows whose id is above the newest id it has seen (a
     primary-key range), which also catches rows logged late with an older ``ts`` (a replayed spool).
-    A purge by this process, or a log whose newest id went down (tables replaced), rebuilds it."""
+    A purge by this process, or a log whose newest id went down (tables replaced), rebuilds it.
+
+    Beside them, the feedback matches: predictions with a true segment counted per 5-minute bucket
+    (within the horizon) and per model version (the whole log), predicted and true segment, which is
+    what realised performance is computed from. The first use joins the latest feedback to the
+    predictions once (`custseg.predlog.queries.matches`); later uses add what the predictions and the
+    feedback rows above the newest ids seen change (`custseg.predlog.queries.match_changes`: a correction
+    takes back the true segment it replaces), so a visit no longer joins the window's feedback again.
+    Deleted feedback or predictions (a purge by any process: fewer feedback rows up to the newest id
+    seen, or a newer oldest prediction) rebuild them."""
 
     def __init__(self) -> None:
         self.frame = pd.DataFrame(columns=queries.ROLLUP_COLUMNS)
         self.last_id = 0
         self.since: float | None = None
         self.purged = -1
+        self.matches = _no_matches(queries.MATCH_COLUMNS)
+        self.matches_by_version = _no_matches(queries.MATCH_COLUMNS[1:])
+        self.matched_up_to: int | None = None  # the newest prediction id the matches count
+        self.feedback_id = 0
+        self.feedback_rows = 0
+        self.oldest: float | None = None
         self._lock = threading.Lock()
 
     def refresh(self, conn: Any, store: PredictionStore, now: float) -> None:
         with self._lock:
             top = queries.top_id(conn, store.tables)
-            if top < self.last_id or store.purged != self.purged or self.since is None:
+            rebuilt = top < self.last_id or store.purged != self.purged or self.since is None
+            if rebuilt:
                 self.since = now - ROLLUP_HORIZON
                 self.purged = store.purged
                 part = queries.rollup(
@@ -353,6 +369,64 @@ class Rollup:
                     latency_max=("latency_max", "max"),
                 )
             self.last_id = top
+            self._refresh_matches(conn, store, now, top, rebuilt)
+
+    def _refresh_matches(
+        self, conn: Any, store: PredictionStore, now: float, top: int, rebuilt: bool
+    ) -> None:
+        """Bring the feedback matches up to the predictions ``id <= top`` and the feedback logged now."""
+        tables = store.tables
+        feedback_top = queries.feedback_top_id(conn, tables)
+        oldest = queries.oldest_ts(conn, tables)
+        seen = queries.feedback_count(conn, tables, self.feedback_id)
+        if (
+            rebuilt
+            or self.matched_up_to is None
+            or top < self.matched_up_to
+            or feedback_top < self.feedback_id
+            or seen != self.feedback_rows
+            or oldest != self.oldest
+        ):
+            changes = queries.matches(conn, tables, ROLLUP_BUCKET, up_to_id=top, feedback_up_to=feedback_top)
+            self.matches = _no_matches(queries.MATCH_COLUMNS)
+            self.matches_by_version = _no_matches(queries.MATCH_COLUMNS[1:])
+            seen = queries.feedback_count(conn, tables, feedback_top)
+        elif top > self.matched_up_to or feedback_top > self.feedback_id:
+            changes = queries.match_changes(
+                conn,
+                tables,
+                ROLLUP_BUCKET,
+                after_id=self.matched_up_to,
+                up_to_id=top,
+                feedback_after=self.feedback_id,
+                feedback_up_to=feedback_top,
+            )
+            if feedback_top > self.feedback_id:
+                seen = queries.feedback_count(conn, tables, feedback_top)
+        else:
+            changes = None
+        if changes is not None and len(changes):
+            keys = queries.MATCH_COLUMNS[:-1]
+            per_bucket = _added(self.matches, changes, keys)
+            self.matches = per_bucket[per_bucket["start"] >= now - ROLLUP_HORIZON].reset_index(drop=True)
+            self.matches_by_version = _added(self.matches_by_version, changes.drop(columns="start"), keys[1:])
+        self.matched_up_to, self.feedback_id, self.feedback_rows = top, feedback_top, seen
+        self.oldest = oldest
+
+    def confusion(self, span: queries.Span) -> pd.DataFrame:
+        """What `custseg.predlog.queries.confusion` answers per bucket, from the rollup."""
+        with self._lock:
+            frame = self.matches
+        inside = frame[(frame["start"] >= span.since) & (frame["start"] < span.until)].copy()
+        inside["start"] = (inside["start"] // span.bucket) * span.bucket
+        counts = inside.groupby(["start", *queries.MATCH_COLUMNS[2:-1]], as_index=False)["rows"].sum()
+        counts["rows"] = counts["rows"].astype("int64")
+        return counts
+
+    def confusion_per_version(self) -> pd.DataFrame:
+        """What `custseg.predlog.queries.confusion` answers per model version, from the rollup."""
+        with self._lock:
+            return self.matches_by_version
 
     def _window(self, span: queries.Span) -> pd.DataFrame:
         with self._lock:
@@ -391,6 +465,24 @@ class Rollup:
         """What `custseg.predlog.queries.segment_mix` answers, from the rollup."""
         frame = self._window(span)
         return frame.groupby(["start", "segment"], as_index=False)["rows"].sum()
+
+
+def _no_matches(columns: list[str]) -> pd.DataFrame:
+    """An empty frame of feedback matches with the columns' types (counts as int64, starts as float64)."""
+    types = {"start": "float64", "rows": "int64"}
+    return pd.DataFrame({c: pd.Series([], dtype=types.get(c, object)) for c in columns})
+
+
+def _added(counts: pd.DataFrame, changes: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``counts`` plus the signed ``changes`` per ``keys`` (sorted by them), without the keys that add up
+    to nothing."""
+    parts = [f for f in (counts, changes) if len(f)]
+    if not parts:
+        return counts
+    frame = pd.concat(parts, ignore_index=True).groupby(keys, as_index=False)["rows"].sum()
+    frame = frame[frame["rows"] != 0].reset_index(drop=True)
+    frame["rows"] = frame["rows"].astype("int64")
+    return frame
 
 
 _rollups: weakref.WeakKeyDictionary[PredictionStore, Rollup] = weakref.WeakKeyDictionary()
@@ -464,7 +556,7 @@ def _monitoring(
             traffic = rollup.traffic(span)
             mix = rollup.segment_mix(span)
             sample = queries.sample(conn, store.tables, span, DRIFT_SAMPLE_ROWS, seed=int(span.until))
-            confusion = queries.confusion(conn, store.tables, span)
+            confusion = rollup.confusion(span)
     except Exception as exc:
         if not isinstance(exc, PredictionLogError) and not _database_error(exc):
             raise
@@ -683,9 +775,9 @@ def _models(settings: Settings, store: PredictionStore | None, served: ModelRef 
         try:
             store.ensure_schema()
             with store.engine.connect() as conn:
-                counts = queries.confusion(conn, store.tables, None, by="model_version")
                 rollup = rollup_of(store)
                 rollup.refresh(conn, store, time.time())
+                counts = rollup.confusion_per_version()
                 logged = rollup.per_version()
             for version, group in counts.groupby("model_version"):
                 realised[str(version)] = scores_from_confusion(group)

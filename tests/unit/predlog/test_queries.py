@@ -61,7 +61,8 @@ def row(store: PredictionStore, i: int, ts: float, segment: str, **extra: Any) -
     return tuple(values[c] for c in store.columns)
 
 
-def feedback(store: PredictionStore, rows: list[dict[str, Any]]) -> None:
+def feedback(store: PredictionStore, rows: list[dict[str, Any]], ts: float = T0) -> None:
+    """Append feedback rows as the store records them (keys by request row or customer), at ``ts``."""
     full = [
         {
             "feedback_key": r.get("key")
@@ -74,7 +75,7 @@ def feedback(store: PredictionStore, rows: list[dict[str, Any]]) -> None:
             "row_index": r.get("row_index", 0) if r.get("request_id") else None,
             "customer_id": r.get("customer_id"),
             FEEDBACK_COLUMN: r["true"],
-            "ts": T0,
+            "ts": ts,
             "source": "test",
         }
         for r in rows
@@ -181,6 +182,70 @@ def test_confusion_request_feedback_wins_and_the_latest_correction_counts(store:
         ("1", "low_value", "medium_value", 1),
         ("2", "low_value", "low_value", 1),
     ]
+
+
+def test_match_changes_add_up_to_the_matches_of_a_fresh_join(store: PredictionStore) -> None:
+    """matches(before) + match_changes(before -> after) == matches(after), through a correction of a
+    request row's feedback, customer feedback, a request row's own feedback winning over its customer's,
+    a customer's correction, and new predictions of a customer who has feedback."""
+    tables = store.tables
+    store.write_rows(
+        [
+            row(store, 0, T0, "high_value", request_id="r0", customer_id="C0"),
+            row(store, 1, T0, "low_value", request_id="r1", customer_id="C1"),
+            row(store, 2, T0 + BUCKET, "low_value", request_id="r2", customer_id="C1", version="2"),
+            row(store, 3, T0 + BUCKET, "medium_value", request_id="r3", customer_id="C3"),
+        ]
+    )
+    steps: list[Any] = [
+        lambda: feedback(store, [{"request_id": "r0", "true": "low_value"}]),
+        lambda: feedback(store, [{"request_id": "r0", "true": "high_value"}]),  # replaces low_value
+        lambda: feedback(store, [{"customer_id": "C1", "true": "medium_value"}]),  # r1 and r2
+        lambda: feedback(store, [{"request_id": "r2", "true": "low_value"}]),  # r2's own wins
+        lambda: feedback(store, [{"customer_id": "C1", "true": "high_value"}]),  # moves r1 only
+        lambda: store.write_rows(
+            [row(store, 4, T0 + 2 * BUCKET, "low_value", request_id="r4", customer_id="C1")]
+        ),
+        lambda: (
+            store.write_rows([row(store, 5, T0, "low_value", request_id="r5", customer_id="C3")]),
+            feedback(
+                store,
+                [{"request_id": "r5", "true": "medium_value"}, {"request_id": "r1", "true": "low_value"}],
+            ),
+        ),
+    ]
+    with store.engine.connect() as conn:
+        counted = (queries.top_id(conn, tables), queries.feedback_top_id(conn, tables))
+        counts = queries.matches(conn, tables, BUCKET, up_to_id=counted[0], feedback_up_to=counted[1])
+    for step in steps:
+        step()
+        with store.engine.connect() as conn:
+            now = (queries.top_id(conn, tables), queries.feedback_top_id(conn, tables))
+            changes = queries.match_changes(
+                conn,
+                tables,
+                BUCKET,
+                after_id=counted[0],
+                up_to_id=now[0],
+                feedback_after=counted[1],
+                feedback_up_to=now[1],
+            )
+            fresh = queries.matches(conn, tables, BUCKET, up_to_id=now[0], feedback_up_to=now[1])
+        keys = queries.MATCH_COLUMNS[:-1]
+        added = pd.concat([counts, changes]).groupby(keys, as_index=False)["rows"].sum()
+        counts = added[added["rows"] != 0].reset_index(drop=True)
+        assert counts.to_dict("records") == fresh.to_dict("records")
+        counted = now
+    start = span().since
+    assert sorted(counts.itertuples(index=False)) == sorted(
+        [
+            (start, "1", "high_value", "high_value", 1),  # r0, corrected back
+            (start, "1", "low_value", "low_value", 1),  # r1 by its own feedback now
+            (start, "1", "low_value", "medium_value", 1),  # r5, logged with its feedback
+            (start + BUCKET, "2", "low_value", "low_value", 1),  # r2 by its own feedback
+            (start + 2 * BUCKET, "1", "low_value", "high_value", 1),  # r4 by its customer's
+        ]
+    )
 
 
 def test_sample_is_bounded_seeded_and_inside_the_window(store: PredictionStore) -> None:

@@ -1,7 +1,9 @@
 """The Monitoring and Models pages' numbers (custseg.workflows.dashboard) without HTTP: realised scores
 from confusion counts equal `evaluate`'s, drift per bucket separates a shifted feature from noise, the
 in-memory rollup stays equal to the database's own aggregates as rows arrive (late ones too), promotions
-come from the registry's tags, and the pages' empty states say why they are empty."""
+come from the registry's tags, and the pages' empty states say why they are empty. The rollup's feedback
+matches stay equal to joining the feedback afresh while feedback replaces feedback (the same test runs on
+PostgreSQL in tests/integration/predlog/test_dashboard_postgresql.py, with its ``backend`` fixture)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
+from pandas.testing import assert_frame_equal
 
 from custseg import schema
 from custseg.core.drift import DriftThresholds, reference_statistics
@@ -24,14 +29,21 @@ from custseg.registry.client import ModelRef
 from custseg.scoring.verification import DIGESTS_TAG
 from custseg.settings import Settings
 from custseg.workflows import dashboard
-from tests.unit.predlog.test_queries import row
+from tests.unit.predlog.test_queries import feedback, row
+from tests.unit.predlog.test_store import Backend
 
 LABELS = list(schema.LABELS)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[PredictionStore]:
-    made = PredictionStore(f"sqlite:///{tmp_path / 'predictions.db'}")
+def backend(tmp_path: Path) -> Backend:
+    """A SQLite log in a temp folder (tests/integration/predlog overrides this with PostgreSQL)."""
+    return Backend("sqlite", f"sqlite:///{tmp_path / 'predictions.db'}", "", tmp_path / "spool")
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[PredictionStore]:
+    made = PredictionStore(backend.url, table_prefix=backend.prefix)
     made.ensure_schema()
     dashboard.clear_caches()
     yield made
@@ -101,6 +113,104 @@ def test_rollup_follows_new_and_late_rows(store: PredictionStore) -> None:
     check()
     store.purge(now - 10 * 3600)  # a purge rebuilds
     check()
+
+
+def test_feedback_matches_stay_equal_to_a_fresh_join_as_feedback_replaces_feedback(
+    backend: Backend, store: PredictionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept up to date by feedback id, the rollup's matches answer what joining the latest feedback
+    afresh answers, for every window and per model version: after a correction, customer feedback, a
+    request row's feedback that wins over its customer's, a customer's correction, new predictions of a
+    customer with feedback, and feedback deleted or predictions purged by another process (rebuilt)."""
+    calls = {"matches": 0, "match_changes": 0}
+    for name in calls:
+        original = getattr(queries, name)
+
+        def counted(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(queries, name, counted)
+    now = time.time()
+    ages = [600, 2 * 3600, 30 * 3600, 3 * 86400, 9 * 86400]  # the last one: beyond the rollup's horizon
+    store.write_rows(
+        [
+            row(
+                store,
+                i,
+                now - ages[i % len(ages)] - i,
+                LABELS[i % 3],
+                request_id=f"r{i // 2}",
+                row_index=i % 2,
+                customer_id=f"C{i % 4}",
+                version="2" if i % 5 < 2 else "1",
+            )
+            for i in range(30)
+        ]
+    )
+    rollup = dashboard.Rollup()
+
+    def check() -> None:
+        with store.engine.connect() as conn:
+            rollup.refresh(conn, store, now)
+            for window in dashboard.WINDOWS.values():
+                span = dashboard.span_of(window, now)
+                _same(rollup.confusion(span), queries.confusion(conn, store.tables, span))
+            _same(
+                rollup.confusion_per_version(),
+                queries.confusion(conn, store.tables, None, by="model_version"),
+            )
+            fresh = dashboard.Rollup()
+            fresh.refresh(conn, store, now)
+        assert_frame_equal(rollup.matches, fresh.matches)
+        assert_frame_equal(rollup.matches_by_version, fresh.matches_by_version)
+
+    check()
+    steps = [
+        [{"request_id": "r0", "row_index": 0, "true": "low_value"}],
+        [{"request_id": "r0", "row_index": 0, "true": "high_value"}],  # replaces low_value
+        [{"customer_id": "C1", "true": "medium_value"}],  # every C1 row without its own feedback
+        [{"request_id": "r2", "row_index": 1, "true": "low_value"}],  # a C1 row: its own wins
+        [
+            {"customer_id": "C1", "true": "high_value"},
+            {"request_id": "r3", "row_index": 0, "true": "low_value"},
+        ],
+    ]
+    for rows in steps:
+        feedback(store, rows, ts=now)
+        check()
+    # new predictions of a customer with feedback, one with its own feedback before the next refresh
+    store.write_rows(
+        [row(store, 100 + i, now - 60, "low_value", request_id=f"n{i}", customer_id="C1") for i in range(3)]
+    )
+    feedback(
+        store,
+        [{"request_id": "n0", "true": "medium_value"}, {"request_id": "r0", "true": "low_value"}],
+        ts=now,
+    )
+    check()
+    # each check builds one fresh rollup; the rollup itself was built once and then only brought up to date
+    assert calls == {"matches": 1 + 7, "match_changes": 6}
+    # another process deletes feedback (the latest for C1), then purges old predictions: each rebuilds
+    fb = store.tables.feedback
+    with store.engine.begin() as conn:
+        latest = conn.execute(sa.select(sa.func.max(fb.c.id)).where(fb.c.customer_id == "C1")).scalar()
+        conn.execute(sa.delete(fb).where(fb.c.id == latest))
+    check()
+    other = PredictionStore(backend.url, table_prefix=backend.prefix)
+    assert other.purge(now - 8.5 * 86400) > 0
+    other.dispose()
+    check()
+    assert calls == {"matches": 1 + 7 + 2 * 2, "match_changes": 6}
+    assert len(rollup.confusion(dashboard.span_of(dashboard.WINDOWS["hour"], now))) > 0
+    assert set(rollup.confusion_per_version()["model_version"]) == {"1", "2"}
+
+
+def _same(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Equal frames; empty ones only need the same columns (the database's empty answer has no types)."""
+    if len(got) or len(expected):
+        assert_frame_equal(got, expected)
+    assert list(got.columns) == list(expected.columns)
 
 
 def _ref(version: str, *, aliases: tuple[str, ...] = (), **tags: str) -> ModelRef:
