@@ -23,15 +23,22 @@ Usage::
 
 Every run is a fresh process (start-up and model loading included); the paths alternate, ``--repeats``
 times for inputs up to 1M rows and once above. Peak memory is the process's VmHWM (sampled from /proc
-until it exits). The champion comes from ``--home`` (a CUSTSEG_HOME), or one is trained on 1,000
-generated rows with the full candidate grid in a temporary home. Labels are compared row by row.
+until it exits); CPU seconds are the process's user + system time, steadier than wall time on a shared
+machine. The champion comes from ``--home`` (a CUSTSEG_HOME), or one is trained on 1,000 generated
+rows with the full candidate grid in a temporary home. Labels are compared row by row.
+
+``--baseline CHECKOUT`` adds ``custseg base``: the same ``custseg score`` command with ``CHECKOUT`` (a
+worktree of older code, its compiled ``.so`` files copied in) first on ``PYTHONPATH``; its output and
+rejects files must be byte for byte those of ``custseg score``. ``--paths`` runs only some paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -79,11 +86,12 @@ from custseg.cli import main
 main()
 """
 
-PATHS = ("custseg score", "custseg walk", "naive sklearn", "naive mlflow")
+PATHS = ("custseg score", "custseg base", "custseg walk", "naive sklearn", "naive mlflow")
 
 
-def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of a child process; fails loudly if it fails."""
+def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds of a child process; fails loudly if it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_kb = 0
@@ -100,7 +108,9 @@ def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float]
     out, err = process.communicate()
     if process.returncode not in (0,):
         raise SystemExit(f"{command[:3]} failed with {process.returncode}:\n{out}\n{err}")
-    return seconds, peak_kb / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return seconds, peak_kb / 1024, cpu
 
 
 def prepare_home(home: Path | None, work: Path) -> Path:
@@ -152,7 +162,20 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=None, help="CUSTSEG_HOME with a champion")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--baseline", type=Path, default=None, help="checkout of older code: `custseg base`")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=None,
+        help="paths to run (default: all; `custseg score` always)",
+    )
     args = parser.parse_args()
+    paths = [p for p in PATHS if p == "custseg score" or args.paths is None or p in args.paths]
+    if args.baseline is None:
+        paths.remove("custseg base")
+    elif not (args.baseline / "custseg").is_dir():
+        parser.error(f"{args.baseline} has no custseg package")
 
     from custseg.io.generated import generate_file
 
@@ -163,6 +186,10 @@ def main() -> None:
         bundle, version = download_bundle(home, work)
         env = {**os.environ, "CUSTSEG_HOME": str(home)}
         env.pop("MLFLOW_TRACKING_URI", None)
+        base_env = {
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(args.baseline), env.get("PYTHONPATH")])),
+        }
         from custseg.scoring.scorer import Scorer
 
         scorer = Scorer.from_bundle(bundle, compiled=True)
@@ -173,59 +200,78 @@ def main() -> None:
             f"model version {version} (custseg score engine: {backend}); {os.cpu_count()} CPUs; "
             f"load average {os.getloadavg()[0]:.1f}"
         )
-        header = f"{'rows':>11} {'path':<15} {'median s':>9} {'rows/s':>11} {'peak MB':>8}  runs (s)"
+        header = (
+            f"{'rows':>11} {'path':<15} {'median s':>9} {'rows/s':>11} {'peak MB':>8} {'CPU s':>6}  runs (s)"
+        )
         print(header)
         for rows in args.rows:
             source = work / f"customers_{rows}.csv"
             generate_file(source, rows, seed=rows % 1000)
             outputs = {name: work / f"{name.replace(' ', '_')}.csv" for name in PATHS}
-            ours_out, walk_out, sk_out, ml_out = (str(outputs[name]) for name in PATHS)
+            out = {name: str(path) for name, path in outputs.items()}
+            score = [str(VENV_BIN / "custseg"), "score", str(source), "--out"]
             commands = {
-                "custseg score": [str(VENV_BIN / "custseg"), "score", str(source), "--out", ours_out],
-                "custseg walk": [sys.executable, "-c", WALK_ONLY, str(source), "--out", walk_out],
-                "naive sklearn": [sys.executable, "-c", NAIVE, str(bundle), str(source), sk_out],
-                "naive mlflow": [sys.executable, "-c", NAIVE_MLFLOW, str(source), ml_out],
+                "custseg score": ([*score, out["custseg score"]], env),
+                "custseg base": ([*score, out["custseg base"]], base_env),
+                "custseg walk": (
+                    [sys.executable, "-c", WALK_ONLY, str(source), "--out", out["custseg walk"]],
+                    env,
+                ),
+                "naive sklearn": (
+                    [sys.executable, "-c", NAIVE, str(bundle), str(source), out["naive sklearn"]],
+                    env,
+                ),
+                "naive mlflow": ([sys.executable, "-c", NAIVE_MLFLOW, str(source), out["naive mlflow"]], env),
             }
+            commands = {name: commands[name] for name in paths}
             # Cold: the model cache emptied (as on a new machine, or after the alias moved elsewhere).
             shutil.rmtree(home / "cache", ignore_errors=True)
-            cold = run_measured(commands["custseg score"], env)
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+            cold = run_measured(*commands["custseg score"])
+            runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
             for _ in range(args.repeats if rows <= 1_000_000 else 1):
-                for name, command in commands.items():
-                    runs[name].append(run_measured(command, env))
-            mismatches = {
+                for name, (command, command_env) in commands.items():
+                    runs[name].append(run_measured(command, command_env))
+            mismatches: dict[str, int] = {
                 name: compare_labels(outputs["custseg score"], outputs[name], rows)
                 for name in ("custseg walk", "naive sklearn", "naive mlflow")
+                if name in commands
             }
+            if "custseg base" in commands:
+                rejects = [path.with_name(f"{path.stem}.rejects.csv") for path in outputs.values()]
+                same = filecmp.cmp(outputs["custseg score"], outputs["custseg base"], shallow=False)
+                same &= filecmp.cmp(rejects[0], rejects[1], shallow=False)
+                mismatches["custseg base (files differ)"] = int(not same)
             summary = {}
             print(
                 f"{rows:>11,} {'custseg (cold)':<15} {cold[0]:>9.2f} {rows / cold[0]:>11,.0f} "
-                f"{cold[1]:>8,.0f}  (model cache emptied first)"
+                f"{cold[1]:>8,.0f} {cold[2]:>6.2f}  (model cache emptied first)"
             )
             for name, measured in runs.items():
-                seconds = statistics.median(s for s, _ in measured)
-                peak = max(m for _, m in measured)
+                seconds = statistics.median(s for s, _, _ in measured)
+                cpu = statistics.median(c for _, _, c in measured)
+                peak = max(m for _, m, _ in measured)
                 summary[name] = {
                     "seconds": seconds,
+                    "cpu_seconds": cpu,
                     "rows_per_s": rows / seconds,
                     "peak_mb": peak,
-                    "runs": [round(s, 2) for s, _ in measured],
+                    "runs": [round(s, 2) for s, _, _ in measured],
+                    "cpu_runs": [round(c, 2) for _, _, c in measured],
                 }
+                walls = ", ".join(f"{s:.2f}" for s, _, _ in measured)
+                cpus = ", ".join(f"{c:.2f}" for _, _, c in measured)
                 print(
-                    f"{rows:>11,} {name:<15} {seconds:>9.2f} {rows / seconds:>11,.0f} {peak:>8,.0f}  "
-                    f"{', '.join(f'{s:.1f}' for s, _ in measured)}"
+                    f"{rows:>11,} {name:<15} {seconds:>9.2f} {rows / seconds:>11,.0f} {peak:>8,.0f} "
+                    f"{cpu:>6.2f}  {walls} (CPU {cpus})"
                 )
             ours = summary["custseg score"]["seconds"]
-            ratios = {
-                name: summary[name]["seconds"] / ours
-                for name in ("custseg walk", "naive sklearn", "naive mlflow")
-            }
-            cold_ratio = summary["naive sklearn"]["seconds"] / cold[0]
+            ratios = {name: summary[name]["seconds"] / ours for name in commands if name != "custseg score"}
+            said = ", ".join(f"{ratio:.2f}x vs {name}" for name, ratio in ratios.items())
+            if "naive sklearn" in commands:
+                said += f" ({summary['naive sklearn']['seconds'] / cold[0]:.2f}x naive sklearn cold)"
             print(
-                f"{rows:>11,} speed-up {ratios['naive sklearn']:.1f}x vs naive sklearn "
-                f"({cold_ratio:.1f}x cold), {ratios['naive mlflow']:.1f}x vs naive mlflow, "
-                f"{ratios['custseg walk']:.2f}x vs the node walk; "
-                f"label mismatches {mismatches}; input {source.stat().st_size / 1e6:,.0f} MB",
+                f"{rows:>11,} speed-up {said}; label mismatches {mismatches}; "
+                f"input {source.stat().st_size / 1e6:,.0f} MB; load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             results.append(
@@ -233,12 +279,14 @@ def main() -> None:
                     "rows": rows,
                     "speedup": ratios,
                     "cold_seconds": cold[0],
+                    "cold_cpu_seconds": cold[2],
                     "label_mismatches": mismatches,
                     **summary,
                 }
             )
             for path in (source, *outputs.values()):
                 path.unlink(missing_ok=True)
+                path.with_name(f"{path.stem}.rejects.csv").unlink(missing_ok=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -23,6 +23,9 @@ import pyarrow.parquet as pq
 
 from custseg.io.csv_safety import is_text, spreadsheet_safe
 
+CSV_BATCH_ROWS = 1 << 17
+"""Rows pyarrow's CSV writer formats at a time."""
+
 
 def temp_name(path: Path) -> Path:
     """A hidden name beside ``path``, unique to this process and thread."""
@@ -51,7 +54,10 @@ class TableWriter:
             # pyarrow quotes header names; write a plain header like custseg's other CSV files.
             self._sink = pa.OSFile(str(self.tmp), "wb")
             self._sink.write((",".join(schema.names) + "\n").encode())
-            options = pa_csv.WriteOptions(include_header=False, quoting_style=quoting)
+            # Whole chunks at a time: pyarrow's default of 1,024 rows costs ~20% more (same bytes).
+            options = pa_csv.WriteOptions(
+                include_header=False, quoting_style=quoting, batch_size=CSV_BATCH_ROWS
+            )
             self._writer = pa_csv.CSVWriter(self._sink, schema, write_options=options)
         else:
             self._writer = pq.ParquetWriter(str(self.tmp), schema, compression="zstd")
