@@ -173,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = [p for p in PATHS if p == "custseg score" or args.paths is None or p in args.paths]
     if args.baseline is None:
-        paths.remove("custseg base")
+        paths = [p for p in paths if p != "custseg base"]
     elif not (args.baseline / "custseg").is_dir():
         parser.error(f"{args.baseline} has no custseg package")
 
