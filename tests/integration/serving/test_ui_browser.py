@@ -139,6 +139,7 @@ def test_models_page_and_navigation(server: Server, browser_page: Watched, tmp_p
     page = browser_page.page
     page.goto(f"{server.url}/ui/score")  # type: ignore[attr-defined]
     page.get_by_role("link", name="Models").click()  # type: ignore[attr-defined]
+    page.wait_for_url("**/ui/models", wait_until="load")  # type: ignore[attr-defined]
     assert page.locator("#model-version").inner_text() == "1"  # type: ignore[attr-defined]
     assert "champion" in page.locator("#model-aliases").inner_text()  # type: ignore[attr-defined]
     screenshot(page, tmp_path, "models")
@@ -161,11 +162,13 @@ def test_sign_in_and_out_with_a_key(keyed_server: Server, keyed_page: Watched, t
     screenshot(page, tmp_path, "sign-in")
     page.get_by_label("API key", exact=True).fill("browser-key-123456")  # type: ignore[attr-defined]
     page.get_by_role("button", name="Sign in").click()  # type: ignore[attr-defined]
-    assert page.url.endswith("/ui/score")  # type: ignore[attr-defined]
+    # a click returns once its navigation is committed: wait until the page and its assets have loaded,
+    # or the next navigation aborts them (net::ERR_ABORTED, counted as a failed asset)
+    page.wait_for_url("**/ui/score", wait_until="load")  # type: ignore[attr-defined]
     page.get_by_role("button", name="Score").click()  # type: ignore[attr-defined]
     page.wait_for_selector("#chart-reasons[data-rendered='true'] svg")  # type: ignore[attr-defined]
     assert page.locator("#segment").inner_text() == "medium_value"  # type: ignore[attr-defined]
     page.get_by_role("button", name="Sign out").click()  # type: ignore[attr-defined]
-    assert page.url.endswith("/ui/sign-in")  # type: ignore[attr-defined]
+    page.wait_for_url("**/ui/sign-in", wait_until="load")  # type: ignore[attr-defined]
     page.goto(f"{keyed_server.url}/ui/models")  # type: ignore[attr-defined]
     assert page.url.endswith("/ui/sign-in")  # type: ignore[attr-defined]
