@@ -48,7 +48,9 @@ def test_monitoring_charts_render_and_the_window_selector_works(
     page = browser_page.page
     page.goto(f"{server.url}/ui/score")  # type: ignore[attr-defined]
     page.get_by_role("link", name="Monitoring").click()  # type: ignore[attr-defined]
-    assert page.url.endswith("/ui/monitoring")  # type: ignore[attr-defined]
+    # a click returns once its navigation is committed: wait for the load, or the next navigation
+    # aborts the page's assets (net::ERR_ABORTED, counted as a failed asset)
+    page.wait_for_url("**/ui/monitoring", wait_until="load")  # type: ignore[attr-defined]
     for name in CHARTS:
         if name != "drift":  # ~40 rows an hour: too few to judge drift per hour
             page.wait_for_selector(f"#chart-{name}[data-rendered='true'] svg")  # type: ignore[attr-defined]
@@ -58,7 +60,7 @@ def test_monitoring_charts_render_and_the_window_selector_works(
     day_rows = page.locator("#count-rows").inner_text()  # type: ignore[attr-defined]
 
     page.get_by_role("link", name="Last week").click()  # type: ignore[attr-defined]
-    assert page.url.endswith("/ui/monitoring?window=week")  # type: ignore[attr-defined]
+    page.wait_for_url("**/ui/monitoring?window=week", wait_until="load")  # type: ignore[attr-defined]
     page.wait_for_selector("#chart-drift[data-rendered='true'] svg")  # type: ignore[attr-defined]
     assert page.locator("#window-week").get_attribute("aria-current") == "true"  # type: ignore[attr-defined]
     assert page.locator("#count-rows").inner_text() == "3,000"  # type: ignore[attr-defined]
@@ -67,6 +69,7 @@ def test_monitoring_charts_render_and_the_window_selector_works(
     screenshot(page, tmp_path, "monitoring")
 
     page.get_by_role("link", name="Last hour").click()  # type: ignore[attr-defined]
+    page.wait_for_url("**/ui/monitoring?window=hour", wait_until="load")  # type: ignore[attr-defined]
     page.wait_for_selector("#chart-requests[data-rendered='true'] svg")  # type: ignore[attr-defined]
     assert page.locator("#window-hour").get_attribute("aria-current") == "true"  # type: ignore[attr-defined]
 
@@ -77,6 +80,7 @@ def test_models_table_lists_versions_with_aliases(
     page = browser_page.page
     page.goto(f"{server.url}/ui/monitoring")  # type: ignore[attr-defined]
     page.get_by_role("link", name="Models").click()  # type: ignore[attr-defined]
+    page.wait_for_url("**/ui/models", wait_until="load")  # type: ignore[attr-defined]
     page.wait_for_selector("#chart-versions[data-rendered='true'] svg")  # type: ignore[attr-defined]
     row = page.locator("#version-1")  # type: ignore[attr-defined]
     assert "champion" in row.locator(".aliases").inner_text()

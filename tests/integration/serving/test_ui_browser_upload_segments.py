@@ -69,7 +69,9 @@ def test_upload_a_csv_read_the_summary_and_download_both_files(
 
     page.goto(f"{server.url}/ui/score")  # type: ignore[attr-defined]
     page.get_by_role("link", name="Upload").click()  # type: ignore[attr-defined]
-    assert page.url.endswith("/ui/upload")  # type: ignore[attr-defined]
+    # a click returns once its navigation is committed: wait for the load, or the next navigation
+    # aborts the page's assets (net::ERR_ABORTED, counted as a failed asset)
+    page.wait_for_url("**/ui/upload", wait_until="load")  # type: ignore[attr-defined]
     upload(page, source, snapshot=EARLIER, reasons=2)
 
     assert page.locator("#rows-read").inner_text() == f"{len(earlier) + 1:,}"  # type: ignore[attr-defined]
@@ -158,6 +160,7 @@ def test_segments_page_with_two_snapshots(server: Server, browser_page: Watched,
             upload(page, source, snapshot=day)
 
     page.get_by_role("link", name="Segments", exact=True).first.click()  # type: ignore[attr-defined]
+    page.wait_for_url("**/ui/segments*", wait_until="load")  # type: ignore[attr-defined]
     page.wait_for_selector("#chart-sizes[data-rendered='true'] svg")  # type: ignore[attr-defined]
     sizes = page.locator("#sizes tbody tr").all_inner_texts()  # type: ignore[attr-defined]
     assert {line.split("\t")[0] for line in sizes} == {EARLIER, LATER}, page.content()  # type: ignore[attr-defined]
