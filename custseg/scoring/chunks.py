@@ -14,7 +14,7 @@ it the output is exactly what it always was. Pure functions: no files, no thread
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,12 +62,6 @@ class TopReasons:
     @classmethod
     def empty(cls, k: int) -> TopReasons:
         return cls(np.zeros((0, k), dtype=np.intp), np.zeros((0, k)))
-
-    @classmethod
-    def concatenate(cls, parts: list[TopReasons]) -> TopReasons:
-        return cls(
-            np.concatenate([p.indices for p in parts]), np.concatenate([p.contributions for p in parts])
-        )
 
 
 def reason_columns(k: int) -> list[str]:
@@ -122,10 +116,6 @@ def output_schema(classes: tuple[str, ...] | list[str], reasons: int = 0) -> pa.
     )
 
 
-ScoreFn = Callable[[Mapping[str, np.ndarray]], Scores]
-ReasonsFn = Callable[[Mapping[str, np.ndarray], Scores], TopReasons]
-
-
 def score_chunk(
     frame: pd.DataFrame,
     scorer: Scorer,
@@ -133,15 +123,12 @@ def score_chunk(
     *,
     first_row: int = 1,
     row_numbers: np.ndarray | None = None,
-    score_fn: ScoreFn | None = None,
     reasons: int = 0,
-    reasons_fn: ReasonsFn | None = None,
 ) -> ChunkResult:
     """Check and score one chunk of raw rows (any extra columns are ignored).
 
     ``row_numbers`` (1-based input rows of ``frame``'s rows) defaults to ``first_row, first_row + 1, ...``.
-    ``score_fn`` replaces ``scorer.score_columns`` (e.g. to spread a chunk over threads); ``reasons``
-    adds the top-K reason columns, computed by ``reasons_fn`` (default :func:`top_reasons`).
+    ``reasons`` adds the top-K reason columns (:func:`top_reasons`).
     """
     n = len(frame)
     if n == 0:
@@ -178,16 +165,13 @@ def score_chunk(
         ids_ok = ids[good]
     else:
         ids_ok = ids
-    score = score_fn or scorer.score_columns
     columns = to_columns(typed)
     scores = (
-        score(columns)
+        scorer.score_columns(columns)
         if len(typed)
         else Scores(np.array([], dtype=str), np.zeros((0, len(scorer.classes))), scorer.classes)
     )
-    top = None
-    if reasons:
-        top = (reasons_fn or (lambda c, s: top_reasons(scorer, c, s, reasons)))(columns, scores)
+    top = top_reasons(scorer, columns, scores, reasons) if reasons else None
     output = output_table(pa.array(ids_ok, type=pa.string()), scores, model_version, top)
     rejects = pd.DataFrame(
         {"row": rows[bad], ID_COLUMN: ids[bad], "reason": why[bad]}, columns=list(REJECT_COLUMNS)
