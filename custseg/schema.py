@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +77,23 @@ FEATURES_BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
 
 EXAMPLE_RECORD: dict[str, float | int | str] = {f.name: f.example for f in FEATURES}
 """The prototype's example customer; it was answered with ``medium_value``."""
+
+
+def missing_columns(
+    columns: Iterable[object], require_label: bool = True, require_id: bool = True
+) -> list[str]:
+    """Required columns absent from ``columns`` (a header's names, or a frame's ``columns``), in schema
+    order."""
+    required = ([ID_COLUMN] if require_id else []) + list(FEATURE_NAMES)
+    required += [LABEL_COLUMN] if require_label else []
+    present = set(map(str, columns))
+    return [c for c in required if c not in present]
+
+
+def unknown_columns(columns: Iterable[object]) -> list[str]:
+    """Names in ``columns`` that the schema does not know (the id and label columns are known)."""
+    known = {ID_COLUMN, LABEL_COLUMN, *FEATURE_NAMES}
+    return [str(c) for c in columns if str(c) not in known]
 
 
 def normalize_gender(value: str) -> str | None:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from custseg import schema
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REASON_NUMBERS: dict[str, int] = {
     "age": 1,
@@ -153,6 +156,8 @@ def global_importance(contributions: np.ndarray, classes: Sequence[str]) -> pd.D
             f"got shape {contributions.shape}"
         )
     mean = np.abs(contributions).mean(axis=0) if len(contributions) else np.zeros(contributions.shape[1:])
+    import pandas as pd
+
     return pd.DataFrame(mean.T, index=pd.Index(schema.FEATURE_NAMES, name="feature"), columns=list(classes))
 
 

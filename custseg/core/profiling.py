@@ -41,8 +41,9 @@ from custseg.core.profile_results import (
     class_balance,
     separation,
 )
-from custseg.core.validation import check_feature, check_ids, check_labels, missing_columns, unknown_columns
+from custseg.core.validation import check_feature, check_ids, check_labels
 from custseg.errors import DataError
+from custseg.schema import missing_columns, unknown_columns
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +262,8 @@ class ProfileBuilder:
     def finish(self) -> DataProfile:
         """The profile of all rows fed so far."""
         columns = self._columns or []
-        header = pd.DataFrame(columns=columns)
-        missing = missing_columns(header, require_label=False)
-        unknown = unknown_columns(header)
+        missing = missing_columns(columns, require_label=False)
+        unknown = unknown_columns(columns)
         findings: list[Finding] = [
             Finding(column, "required column missing", 0, expected="a header column of this name")
             for column in missing

@@ -24,7 +24,9 @@ from custseg.schema import (
     LABEL_COLUMN,
     LABELS,
     Feature,
+    missing_columns,
     normalize_gender,
+    unknown_columns,
 )
 
 _ROWS_SHOWN = 10
@@ -149,20 +151,6 @@ def check_labels(series: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
     return labels, null, unknown
 
 
-def missing_columns(df: pd.DataFrame, require_label: bool = True, require_id: bool = True) -> list[str]:
-    """Required columns absent from ``df``, in schema order."""
-    required = ([ID_COLUMN] if require_id else []) + list(FEATURE_NAMES)
-    required += [LABEL_COLUMN] if require_label else []
-    present = set(map(str, df.columns))
-    return [c for c in required if c not in present]
-
-
-def unknown_columns(df: pd.DataFrame) -> list[str]:
-    """Columns of ``df`` that the schema does not know (the id and label columns are known)."""
-    known = {ID_COLUMN, LABEL_COLUMN, *FEATURE_NAMES}
-    return [str(c) for c in df.columns if str(c) not in known]
-
-
 def row_problems(df: pd.DataFrame) -> pd.Series:
     """Per-row reason text for the feature columns ("" when the row is valid), vectorised.
 
@@ -236,9 +224,9 @@ def validate_frame(
     a fresh RangeIndex.
     """
     problems: list[Problem] = []
-    for column in missing_columns(df, require_label=require_label, require_id=require_id):
+    for column in missing_columns(df.columns, require_label=require_label, require_id=require_id):
         problems.append(Problem("required column is missing; add it to the header", column=column))
-    for column in unknown_columns(df):
+    for column in unknown_columns(df.columns):
         problems.append(
             Problem(
                 "unknown column; remove it (expected only "

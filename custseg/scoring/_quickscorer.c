@@ -24,6 +24,8 @@
  * leftmost leaf no failed test removes. Per row that is one binary search per feature and one AND of
  * a table row per feature (vectorised across all trees), then per tree a count of trailing zeros and the
  * leaf's values: no data-dependent chain of node loads.
+ * The sums go four rows at a time, each row's running sums in registers: per tree and row one load of
+ * the tree's words (up to three words without a branch), a count of trailing zeros and one vector add.
  *
  * Shapes and offsets are checked before scoring (O(columns + trees)); the tables are built by
  * quickscorer.py from a checked forest, and an exit leaf is clamped to its tree, so even a wrong table
@@ -80,34 +82,86 @@ typedef struct {
     double *out;
 } Forest;
 
-typedef double double2 __attribute__((vector_size(16), aligned(8)));
+typedef double double4 __attribute__((vector_size(32), aligned(8)));
+
+/* The exit leaf of a row in a tree of words [first, last): the lowest bit left in them (an all-zero
+ * tree, impossible in a well-built table, gives 16 x words, then the leaf is clamped to the tree). A tree
+ * of up to 3 words is read as one 64-bit load with a sentinel bit above its last word: no branch on the
+ * row's bits (a wrong guess of which word holds the leaf costs more than the tree's other work). The
+ * masks are allocated with 3 spare words at the end for that load. */
+static inline __attribute__((always_inline)) int32_t exit_leaf(const uint16_t *m, int32_t first, int32_t last,
+                                                               int32_t leaves) {
+    const int32_t words = last - first;
+    int32_t leaf;
+    if (words <= 3) {
+        uint64_t bits;
+        memcpy(&bits, m + first, sizeof bits);
+        const uint64_t sentinel = (uint64_t)1 << (16 * words);
+        leaf = __builtin_ctzll((bits & (sentinel - 1)) | sentinel);
+    } else {
+        int32_t w = first;
+        while (w + 1 < last && m[w] == 0) {
+            w++;
+        }
+        leaf = (w - first) * 16 + __builtin_ctz((uint32_t)m[w] | 0x10000u);
+    }
+    return leaf < leaves ? leaf : leaves - 1;
+}
+
+#define LANES 4 /* rows summed together: independent chains of additions, kept in registers */
 
 /* The exit leaf of every row of the block in every tree, their values summed in tree order. `values`
- * rows are `width` wide (classes padded with zeros) and added as vectors of two: lane by lane the same
- * IEEE additions as one class at a time. Always inlined with a constant width. */
+ * rows are `width` wide (classes padded with zeros) and added as vectors of four: lane by lane the same
+ * IEEE additions, from 0.0 and tree after tree, as one class at a time. Rows go LANES at a time, each with
+ * its own accumulators, so that the additions of one row wait on one another but not those of the others.
+ * Always inlined with a constant width. */
 static inline __attribute__((always_inline)) void sum_leaves(const Forest *f, const uint16_t *masks,
                                                              Py_ssize_t rows, double *sums, const int width) {
     const Py_ssize_t nw = f->n_words;
-    for (Py_ssize_t t = 0; t < f->n_trees; t++) {
-        const int32_t first = f->tree_words[t], last = f->tree_words[t + 1];
-        const int32_t leaves = f->leaf_offsets[t + 1] - f->leaf_offsets[t];
-        const double *base = f->values + (int64_t)f->leaf_offsets[t] * width;
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            const uint16_t *m = masks + r * nw;
-            int32_t w = first;
-            if (last - first > 1) {
-                while (w + 1 < last && m[w] == 0) {
-                    w++;
+    const int vectors = width / 4;
+    Py_ssize_t r = 0;
+    for (; r + LANES <= rows; r += LANES) {
+        double4 acc[LANES][2] = {{{0}}};
+        const uint16_t *m = masks + r * nw;
+        for (Py_ssize_t t = 0; t < f->n_trees; t++) {
+            const int32_t first = f->tree_words[t], last = f->tree_words[t + 1];
+            const int32_t leaves = f->leaf_offsets[t + 1] - f->leaf_offsets[t];
+            const double *base = f->values + (int64_t)f->leaf_offsets[t] * width;
+#pragma GCC unroll 4
+            for (int k = 0; k < LANES; k++) {
+                const int32_t leaf = exit_leaf(m + k * nw, first, last, leaves);
+                const double4 *v = (const double4 *)(base + (int64_t)leaf * width);
+#pragma GCC unroll 2
+                for (int c = 0; c < vectors; c++) {
+                    acc[k][c] += v[c];
                 }
             }
-            /* | 0x10000: an all-zero word (impossible in a well-built table) counts 16, then is clamped */
-            int32_t leaf = (w - first) * 16 + __builtin_ctz((uint32_t)m[w] | 0x10000u);
-            leaf = leaf < leaves ? leaf : leaves - 1;
-            const double2 *v = (const double2 *)(base + (int64_t)leaf * width);
-            double2 *s = (double2 *)(sums + r * MAX_CLASSES);
-            for (int c = 0; c < width / 2; c++) {
-                s[c] += v[c];
+        }
+#pragma GCC unroll 4
+        for (int k = 0; k < LANES; k++) {
+            double4 *s = (double4 *)(sums + (r + k) * MAX_CLASSES);
+#pragma GCC unroll 2
+            for (int c = 0; c < vectors; c++) {
+                s[c] = acc[k][c];
             }
+        }
+    }
+    for (; r < rows; r++) { /* the block's last rows, one at a time */
+        double4 acc[2] = {{0}};
+        const uint16_t *m = masks + r * nw;
+        for (Py_ssize_t t = 0; t < f->n_trees; t++) {
+            const int32_t leaves = f->leaf_offsets[t + 1] - f->leaf_offsets[t];
+            const int32_t leaf = exit_leaf(m, f->tree_words[t], f->tree_words[t + 1], leaves);
+            const double4 *v = (const double4 *)(f->values + ((int64_t)f->leaf_offsets[t] + leaf) * width);
+#pragma GCC unroll 2
+            for (int c = 0; c < vectors; c++) {
+                acc[c] += v[c];
+            }
+        }
+        double4 *s = (double4 *)(sums + r * MAX_CLASSES);
+#pragma GCC unroll 2
+        for (int c = 0; c < vectors; c++) {
+            s[c] = acc[c];
         }
     }
 }
@@ -163,7 +217,6 @@ __attribute__((target_clones("avx2", "default"))) static void score(const Forest
         } else {
             masks32(f, (const float *)matrix + start * f->n_columns, bounds, rows, masks);
         }
-        memset(sums, 0, sizeof sums);
         if (f->width == 4) {
             sum_leaves(f, masks, rows, sums, 4);
         } else {
@@ -251,7 +304,7 @@ static PyObject *sums(PyObject *Py_UNUSED(self), PyObject *args) {
     if (block > f.n) {
         block = f.n < 1 ? 1 : f.n;
     }
-    masks = PyMem_RawMalloc((size_t)block * (size_t)f.n_words * sizeof *masks);
+    masks = PyMem_RawMalloc(((size_t)block * (size_t)f.n_words + 3) * sizeof *masks); /* + 3: exit_leaf */
     if (masks == NULL) {
         PyErr_NoMemory();
         goto done;

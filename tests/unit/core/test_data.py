@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from custseg.core.generator import Drift, drift_from_options, generate, label_customers
-from custseg.core.validation import missing_columns, row_problems, validate_frame
+from custseg.core.validation import row_problems, validate_frame
 from custseg.errors import DataError, DataValidationError
 from custseg.io import generated
 from custseg.io.generated import write_generated
 from custseg.io.tables import load_dataset, load_table
-from custseg.schema import FEATURE_NAMES, ID_COLUMN, LABEL_COLUMN
+from custseg.schema import FEATURE_NAMES, ID_COLUMN, LABEL_COLUMN, missing_columns
 
 REPO_ORIGINAL = Path(__file__).resolve().parents[2] / "data" / "original_rows.csv"
 SAMPLE = Path(__file__).resolve().parents[3] / "data" / "customers.csv"
@@ -145,8 +145,8 @@ def test_optional_id_and_label():
 def test_missing_column():
     problem = _only(_problems(_good_frame().drop(columns=["age"])), "age")
     assert "missing" in problem.message
-    assert missing_columns(_good_frame().drop(columns=["age", LABEL_COLUMN])) == ["age", LABEL_COLUMN]
-    assert missing_columns(_good_frame().drop(columns=[LABEL_COLUMN]), require_label=False) == []
+    assert missing_columns(_good_frame().drop(columns=["age", LABEL_COLUMN]).columns) == ["age", LABEL_COLUMN]
+    assert missing_columns(_good_frame().drop(columns=[LABEL_COLUMN]).columns, require_label=False) == []
 
 
 def test_extra_column():
