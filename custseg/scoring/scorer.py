@@ -99,10 +99,14 @@ def record_columns(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Model inputs from records of raw values, as ``to_columns(prepare_frame(DataFrame(records)))``
     gives them, without pandas (the bundle's check rows, scored each time a model is loaded)."""
     columns: dict[str, np.ndarray] = {}
-    for name in schema.NUMERIC_FEATURES:
-        columns[name] = np.asarray([record[name] for record in records], dtype=np.float64).reshape(-1, 1)
-    for name in schema.CATEGORICAL_FEATURES:
-        values = [schema.normalize_gender(str(record[name])) for record in records]
+    try:
+        for name in schema.NUMERIC_FEATURES:
+            columns[name] = np.asarray([record[name] for record in records], dtype=np.float64).reshape(-1, 1)
+        texts = {name: [str(record[name]) for record in records] for name in schema.CATEGORICAL_FEATURES}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"model check failed: the bundle's check rows are malformed ({exc!r})") from None
+    for name, text in texts.items():
+        values = [schema.normalize_gender(value) for value in text]
         if None in values:
             raise ModelLoadError(f"model check failed: a check row's {name} is not one the model knows")
         columns[name] = np.asarray(values, dtype=object).reshape(-1, 1)

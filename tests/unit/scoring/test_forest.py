@@ -245,3 +245,7 @@ def test_check_rows_are_read_without_pandas_as_the_frame_path_reads_them(
         np.testing.assert_array_equal(columns[name], values)
     with pytest.raises(ModelLoadError, match="gender"):
         record_columns([{**records[0], "gender": "Other"}])
+    with pytest.raises(ModelLoadError, match="malformed"):
+        record_columns([{k: v for k, v in records[0].items() if k != "age"}])
+    with pytest.raises(ModelLoadError, match="malformed"):
+        record_columns([{**records[0], "age": "old"}])
