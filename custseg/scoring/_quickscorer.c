@@ -304,7 +304,8 @@ static PyObject *sums(PyObject *Py_UNUSED(self), PyObject *args) {
     if (block > f.n) {
         block = f.n < 1 ? 1 : f.n;
     }
-    masks = PyMem_RawMalloc(((size_t)block * (size_t)f.n_words + 3) * sizeof *masks); /* + 3: exit_leaf */
+    /* + 3 words for exit_leaf's 64-bit loads past a row's last tree, zeroed: never read uninitialised */
+    masks = PyMem_RawCalloc((size_t)block * (size_t)f.n_words + 3, sizeof *masks);
     if (masks == NULL) {
         PyErr_NoMemory();
         goto done;
