@@ -16,19 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from custseg.core.explain import top_indices
+from custseg.core.validation import row_problems, validate_frame
 from custseg.errors import DataError, DataValidationError, ExplanationError
 from custseg.schema import FEATURE_NAMES, FEATURES, ID_COLUMN
 from custseg.scoring.scorer import Scorer, Scores, to_columns
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 INPUT_COLUMNS: tuple[str, ...] = (ID_COLUMN, *FEATURE_NAMES)
 SEGMENT_COLUMN = "segment"
@@ -44,9 +42,8 @@ class ChunkResult:
     """One scored chunk: output rows (valid input rows, in input order) and rejected rows."""
 
     output: pa.Table
-    rejects: pd.DataFrame | None = None
-    """Columns ``row`` (1-based input row, or -1 when unknown), ``customer_id``, ``reason``; None when
-    no row was checked the careful way (`plain_inputs`: nothing rejected, and no pandas needed)."""
+    rejects: pd.DataFrame
+    """Columns ``row`` (1-based input row, or -1 when unknown), ``customer_id``, ``reason``."""
 
 
 @dataclass(frozen=True)
@@ -133,10 +130,6 @@ def score_chunk(
     ``row_numbers`` (1-based input rows of ``frame``'s rows) defaults to ``first_row, first_row + 1, ...``.
     ``reasons`` adds the top-K reason columns (:func:`top_reasons`).
     """
-    import pandas as pd  # the careful path only: `plain_inputs` chunks never import pandas
-
-    from custseg.core.validation import row_problems, validate_frame
-
     n = len(frame)
     if n == 0:
         empty = pa.Table.from_pylist([], schema=output_schema(scorer.classes, reasons))
@@ -188,8 +181,6 @@ def score_chunk(
 
 def _ids(series: pd.Series) -> np.ndarray:
     """customer_id as trimmed text ('' for missing); numeric ids from Parquet become their text."""
-    import pandas as pd
-
     if pd.api.types.is_float_dtype(series):
         # Parquet integer ids with nulls arrive as floats; write 12 rather than 12.0.
         text = series.map(lambda v: "" if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
