@@ -110,59 +110,49 @@ static inline __attribute__((always_inline)) int32_t exit_leaf(const uint16_t *m
 
 #define LANES 4 /* rows summed together: independent chains of additions, kept in registers */
 
-/* The exit leaf of every row of the block in every tree, their values summed in tree order. `values`
- * rows are `width` wide (classes padded with zeros) and added as vectors of four: lane by lane the same
- * IEEE additions, from 0.0 and tree after tree, as one class at a time. Rows go LANES at a time, each with
- * its own accumulators, so that the additions of one row wait on one another but not those of the others.
- * Always inlined with a constant width. */
-static inline __attribute__((always_inline)) void sum_leaves(const Forest *f, const uint16_t *masks,
-                                                             Py_ssize_t rows, double *sums, const int width) {
+/* The exit leaves of `lanes` consecutive rows (masks from `m`, sums to `sums`) in every tree, their values
+ * summed in tree order. `values` rows are `width` wide (classes padded with zeros) and added as vectors of
+ * four: lane by lane the same IEEE additions, from 0.0 and tree after tree, as one class at a time. Each
+ * row has its own accumulators, so that the additions of one row wait on one another but not those of the
+ * others. Always inlined with constant `lanes` and `width`. */
+static inline __attribute__((always_inline)) void sum_rows(const Forest *f, const uint16_t *m, double *sums,
+                                                           const int lanes, const int width) {
     const Py_ssize_t nw = f->n_words;
     const int vectors = width / 4;
-    Py_ssize_t r = 0;
-    for (; r + LANES <= rows; r += LANES) {
-        double4 acc[LANES][2] = {{{0}}};
-        const uint16_t *m = masks + r * nw;
-        for (Py_ssize_t t = 0; t < f->n_trees; t++) {
-            const int32_t first = f->tree_words[t], last = f->tree_words[t + 1];
-            const int32_t leaves = f->leaf_offsets[t + 1] - f->leaf_offsets[t];
-            const double *base = f->values + (int64_t)f->leaf_offsets[t] * width;
+    double4 acc[LANES][2] = {{{0}}};
+    for (Py_ssize_t t = 0; t < f->n_trees; t++) {
+        const int32_t first = f->tree_words[t], last = f->tree_words[t + 1];
+        const int32_t leaves = f->leaf_offsets[t + 1] - f->leaf_offsets[t];
+        const double *base = f->values + (int64_t)f->leaf_offsets[t] * width;
 #pragma GCC unroll 4
-            for (int k = 0; k < LANES; k++) {
-                const int32_t leaf = exit_leaf(m + k * nw, first, last, leaves);
-                const double4 *v = (const double4 *)(base + (int64_t)leaf * width);
-#pragma GCC unroll 2
-                for (int c = 0; c < vectors; c++) {
-                    acc[k][c] += v[c];
-                }
-            }
-        }
-#pragma GCC unroll 4
-        for (int k = 0; k < LANES; k++) {
-            double4 *s = (double4 *)(sums + (r + k) * MAX_CLASSES);
+        for (int k = 0; k < lanes; k++) {
+            const int32_t leaf = exit_leaf(m + k * nw, first, last, leaves);
+            const double4 *v = (const double4 *)(base + (int64_t)leaf * width);
 #pragma GCC unroll 2
             for (int c = 0; c < vectors; c++) {
-                s[c] = acc[k][c];
+                acc[k][c] += v[c];
             }
         }
     }
-    for (; r < rows; r++) { /* the block's last rows, one at a time */
-        double4 acc[2] = {{0}};
-        const uint16_t *m = masks + r * nw;
-        for (Py_ssize_t t = 0; t < f->n_trees; t++) {
-            const int32_t leaves = f->leaf_offsets[t + 1] - f->leaf_offsets[t];
-            const int32_t leaf = exit_leaf(m, f->tree_words[t], f->tree_words[t + 1], leaves);
-            const double4 *v = (const double4 *)(f->values + ((int64_t)f->leaf_offsets[t] + leaf) * width);
-#pragma GCC unroll 2
-            for (int c = 0; c < vectors; c++) {
-                acc[c] += v[c];
-            }
-        }
-        double4 *s = (double4 *)(sums + r * MAX_CLASSES);
+#pragma GCC unroll 4
+    for (int k = 0; k < lanes; k++) {
+        double4 *s = (double4 *)(sums + k * MAX_CLASSES);
 #pragma GCC unroll 2
         for (int c = 0; c < vectors; c++) {
-            s[c] = acc[c];
+            s[c] = acc[k][c];
         }
+    }
+}
+
+/* Every row of the block: LANES rows at a time, then the last few one by one. */
+static inline __attribute__((always_inline)) void sum_leaves(const Forest *f, const uint16_t *masks,
+                                                             Py_ssize_t rows, double *sums, const int width) {
+    Py_ssize_t r = 0;
+    for (; r + LANES <= rows; r += LANES) {
+        sum_rows(f, masks + r * f->n_words, sums + r * MAX_CLASSES, LANES, width);
+    }
+    for (; r < rows; r++) {
+        sum_rows(f, masks + r * f->n_words, sums + r * MAX_CLASSES, 1, width);
     }
 }
 
