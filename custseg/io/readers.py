@@ -34,10 +34,9 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
@@ -45,6 +44,9 @@ import pyarrow.parquet as pq
 from custseg.errors import DataError
 from custseg.io.tables import check_readable, empty_file, format_by_extension, load_table, unreadable
 from custseg.schema import ID_COLUMN
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PANDAS_NULL_VALUES: list[str] = [*pa_csv.ConvertOptions().null_values, "<NA>", "None"]
 """pyarrow's defaults mirror pandas' missing-value strings; pandas also reads these two as missing."""

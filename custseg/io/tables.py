@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from custseg.core.validation import validate_frame
 from custseg.errors import DataError
 from custseg.schema import ID_COLUMN
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CSV_EXTENSIONS: tuple[str, ...] = (".csv",)
 PARQUET_EXTENSIONS: tuple[str, ...] = (".parquet", ".pq")
@@ -100,6 +101,8 @@ def load_table(path: str | Path) -> pd.DataFrame:
     left for :func:`validate_frame` to report per row. Raises :class:`DataError` for a missing file,
     an unknown extension, an unreadable or corrupt file, and a file with no data rows.
     """
+    import pandas as pd  # imported by the whole-file readers only (`custseg score` streams without it)
+
     path = Path(path)
     fmt = check_readable(path)
     try:
@@ -118,6 +121,8 @@ def load_table(path: str | Path) -> pd.DataFrame:
 
 def load_dataset(path: str | Path, *, require_label: bool = True) -> pd.DataFrame:
     """``load_table`` + ``validate_frame`` (the file name is the error source); returns the clean frame."""
+    from custseg.core.validation import validate_frame
+
     path = Path(path)
     frame = load_table(path)
     return validate_frame(frame, require_label=require_label, require_id=True, source=path.name)

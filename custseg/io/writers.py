@@ -15,13 +15,16 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from custseg.io.csv_safety import is_text, spreadsheet_safe
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CSV_BATCH_ROWS = 1 << 17
 """Rows pyarrow's CSV writer formats at a time."""

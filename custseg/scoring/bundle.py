@@ -15,10 +15,9 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from custseg import schema
 from custseg.errors import ExplanationError
@@ -43,6 +42,9 @@ from custseg.scoring.scorer import (
     _run_onnx,
     to_columns,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +202,8 @@ def write_explainer(
         logger.warning("no explanations for this model: %s", exc)
         return {"passed": False, "reason": str(exc)}
     frames = [f[list(schema.FEATURE_NAMES)].head(EXPLAINER_CHECK_ROWS) for f in parity_frames.values()]
+    import pandas as pd  # training time only: loading a bundle does not need pandas
+
     frame = pd.concat(frames or [check_frame], ignore_index=True)
     result: dict[str, Any] = {"output": explainer.output, "rows": len(frame)}
     try:

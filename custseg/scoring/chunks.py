@@ -16,17 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from custseg.core.arrays import arrow_numbers, numbers, texts
 from custseg.core.explain import top_indices
-from custseg.core.validation import row_problems, validate_frame
 from custseg.errors import DataError, DataValidationError, ExplanationError
 from custseg.schema import FEATURE_NAMES, FEATURES, ID_COLUMN
 from custseg.scoring.scorer import Scorer, Scores, to_columns
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 INPUT_COLUMNS: tuple[str, ...] = (ID_COLUMN, *FEATURE_NAMES)
 SEGMENT_COLUMN = "segment"
@@ -34,7 +37,7 @@ VERSION_COLUMN = "model_version"
 REJECT_COLUMNS: tuple[str, ...] = ("row", ID_COLUMN, "reason")
 MAX_REASONS = len(FEATURE_NAMES)
 """Most reasons per row ``--reasons K`` may ask for: every feature."""
-_FEATURE_NAMES = pa.array(FEATURE_NAMES, pa.string())
+_FEATURE_NAMES = texts(FEATURE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,9 @@ class ChunkResult:
     """One scored chunk: output rows (valid input rows, in input order) and rejected rows."""
 
     output: pa.Table
-    rejects: pd.DataFrame
-    """Columns ``row`` (1-based input row, or -1 when unknown), ``customer_id``, ``reason``."""
+    rejects: pd.DataFrame | None = None
+    """Columns ``row`` (1-based input row, or -1 when unknown), ``customer_id``, ``reason``; None when
+    no row was checked the careful way (`plain_inputs`: nothing rejected, and no pandas needed)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,10 @@ def score_chunk(
     ``row_numbers`` (1-based input rows of ``frame``'s rows) defaults to ``first_row, first_row + 1, ...``.
     ``reasons`` adds the top-K reason columns (:func:`top_reasons`).
     """
+    import pandas as pd  # the careful path only: `plain_inputs` chunks never import pandas
+
+    from custseg.core.validation import row_problems, validate_frame
+
     n = len(frame)
     if n == 0:
         empty = pa.Table.from_pylist([], schema=output_schema(scorer.classes, reasons))
@@ -181,6 +189,8 @@ def score_chunk(
 
 def _ids(series: pd.Series) -> np.ndarray:
     """customer_id as trimmed text ('' for missing); numeric ids from Parquet become their text."""
+    import pandas as pd
+
     if pd.api.types.is_float_dtype(series):
         # Parquet integer ids with nulls arrive as floats; write 12 rather than 12.0.
         text = series.map(lambda v: "" if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
@@ -219,18 +229,18 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
         if not feature.is_numeric:
             if not _is_text(column.type):
                 return None
-            categories = pa.array(feature.categories or (), column.type)
+            categories = texts(feature.categories or ()).cast(column.type)
             codes = pc.index_in(column, value_set=categories)
             if codes.null_count:
                 return None
-            canonical = np.asarray(feature.categories)[codes.to_numpy(zero_copy_only=False)]
+            canonical = np.asarray(feature.categories)[numbers(codes)]
             columns[feature.name] = canonical.reshape(-1, 1)
             continue
         kind = column.type
         if not (_is_text(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             return None
         try:
-            number = pc.cast(column, pa.float64()).to_numpy()
+            number = numbers(pc.cast(column, pa.float64()))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             return None
         with np.errstate(invalid="ignore"):
@@ -249,19 +259,19 @@ def output_table(
 ) -> pa.Table:
     """The output rows: ``customer_id, segment, proba_<class>..., model_version`` (+ the reasons)."""
     if scores.index is not None:  # labels by index in Arrow: no Python string per row
-        segment = pa.array(scores.classes, pa.string()).take(pa.array(scores.index))
+        segment = texts(scores.classes).take(arrow_numbers(scores.index))
     else:
         segment = pa.array(scores.labels, type=pa.string())
     arrays: list[pa.Array] = [ids, segment]
     for j in range(len(scores.classes)):
-        arrays.append(pa.array(scores.probabilities[:, j].astype(np.float32), type=pa.float32()))
-    arrays.append(pa.array([model_version], pa.string()).take(pa.array(np.zeros(len(ids), np.int32))))
+        arrays.append(arrow_numbers(scores.probabilities[:, j].astype(np.float32)))
+    arrays.append(texts([model_version]).take(arrow_numbers(np.zeros(len(ids), np.int32))))
     k = 0
     if reasons is not None:
         k = reasons.indices.shape[1]
         # Names by index in Arrow (no Python string per cell); float32 as the schema says.
-        arrays += [_FEATURE_NAMES.take(pa.array(reasons.indices[:, i])) for i in range(k)]
-        arrays += [pa.array(reasons.contributions[:, i].astype(np.float32), pa.float32()) for i in range(k)]
+        arrays += [_FEATURE_NAMES.take(arrow_numbers(reasons.indices[:, i])) for i in range(k)]
+        arrays += [arrow_numbers(reasons.contributions[:, i].astype(np.float32)) for i in range(k)]
     return pa.Table.from_arrays(arrays, schema=output_schema(scores.classes, k))
 
 

@@ -27,10 +27,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from custseg import schema
 from custseg.core.explain import SegmentExplanation, explain_rows
@@ -39,6 +38,9 @@ from custseg.scoring import explainer as tree_shap
 from custseg.scoring.explainer import EXPLAINER_FILE, TreeExplainer
 from custseg.scoring.forest import FOREST_FILE, CompiledForest, kernel_available
 from custseg.scoring.quickscorer import EVALUATORS, WALK
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +95,28 @@ def to_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     return columns
 
 
+def record_columns(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Model inputs from records of raw values, as ``to_columns(prepare_frame(DataFrame(records)))``
+    gives them, without pandas (the bundle's check rows, scored each time a model is loaded)."""
+    columns: dict[str, np.ndarray] = {}
+    try:
+        for name in schema.NUMERIC_FEATURES:
+            columns[name] = np.asarray([record[name] for record in records], dtype=np.float64).reshape(-1, 1)
+        texts = {name: [str(record[name]) for record in records] for name in schema.CATEGORICAL_FEATURES}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"model check failed: the bundle's check rows are malformed ({exc!r})") from None
+    for name, text in texts.items():
+        values = [schema.normalize_gender(value) for value in text]
+        if None in values:
+            raise ModelLoadError(f"model check failed: a check row's {name} is not one the model knows")
+        columns[name] = np.asarray(values, dtype=object).reshape(-1, 1)
+    return columns
+
+
 def typed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Records as a frame with the schema's dtypes (int64, float64, str) — what the signature expects."""
+    import pandas as pd
+
     frame = pd.DataFrame.from_records(records, columns=list(schema.FEATURE_NAMES))
     for feature in schema.FEATURES:
         dtype = {"int": "int64", "float": "float64", "category": "str"}[feature.kind]
@@ -196,7 +218,7 @@ class Scorer:
         rows = self.meta.get("check_rows") or []
         if not rows:
             return
-        scores = self.score_frame(pd.DataFrame(rows))
+        scores = self.score_columns(record_columns(rows))
         expected = np.asarray(self.meta["check_labels"])
         if not np.array_equal(scores.labels, expected):
             raise ModelLoadError("model check failed: labels differ from those recorded at training time")
@@ -213,6 +235,8 @@ class Scorer:
         if self._session is not None:
             labels, proba = _run_onnx(self._session, columns)
         else:
+            import pandas as pd  # the scikit-learn fallback only
+
             frame = pd.DataFrame({name: np.asarray(columns[name]).ravel() for name in schema.FEATURE_NAMES})
             for name in schema.NUMERIC_FEATURES:
                 frame[name] = frame[name].astype(np.float64)

@@ -39,17 +39,15 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from custseg.errors import DataError, DataValidationError, Problem
 from custseg.io.paths import check_paths
-from custseg.io.readers import Chunk, ChunkReader, CsvPiece
-from custseg.io.snapshots import SnapshotWriter
+from custseg.io.readers import Chunk, ChunkReader, CsvPiece, MalformedRecord
 from custseg.io.tables import format_by_extension
 from custseg.io.writers import RowsWriter, TableWriter
 from custseg.schema import ID_COLUMN, NUMERIC_FEATURES, missing_columns
@@ -68,6 +66,11 @@ from custseg.scoring.chunks import (
 )
 from custseg.scoring.scorer import Scorer
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from custseg.io.snapshots import SnapshotWriter
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -81,8 +84,6 @@ MIN_WORK_ROWS = 8_192
 """Fewer rows per piece of work cost more in hand-offs than a second worker saves."""
 EXIT_REJECTED = 3
 """Exit code of ``custseg score`` when the run completed but some rows were rejected."""
-
-_NO_REJECTS = pd.DataFrame(columns=list(REJECT_COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class _ChunkScoring:
     def scored(self, ids: pa.Array, columns: Mapping[str, np.ndarray]) -> ChunkResult:
         scores = self.scorer.score_columns(columns)
         top = top_reasons(self.scorer, columns, scores, self.reasons) if self.reasons else None
-        return ChunkResult(output_table(ids, scores, self.model_version, top), _NO_REJECTS)
+        return ChunkResult(output_table(ids, scores, self.model_version, top))
 
     def careful(self, chunk: Chunk) -> ChunkResult:
         """Any chunk of text (or Parquet) cells: the plain way if it can, else the shared rules' checks."""
@@ -315,7 +316,7 @@ def _shifted(chunk: Chunk, result: ChunkResult, records: int) -> tuple[Chunk, Ch
     if records == 0:
         return chunk, result
     rejects = result.rejects
-    if len(rejects):
+    if rejects is not None and len(rejects):
         rejects = rejects.assign(row=np.where(rejects["row"] > 0, rejects["row"] + records, rejects["row"]))
     return chunk.shifted(records), ChunkResult(result.output, rejects)
 
@@ -387,13 +388,8 @@ def score_file(
     def finish(chunk: Chunk, result: ChunkResult) -> None:
         """Write one scored chunk (in input order) and its rejects; count; report progress."""
         nonlocal scored, rejected
-        chunk_rejects = result.rejects
-        if chunk.malformed:
-            parse = pd.DataFrame(chunk.malformed, columns=list(REJECT_COLUMNS))
-            chunk_rejects = pd.concat([parse, chunk_rejects], ignore_index=True).sort_values(
-                "row", kind="stable"
-            )
-        if strict and len(chunk_rejects):
+        chunk_rejects = _with_malformed(result.rejects, chunk.malformed)
+        if strict and chunk_rejects is not None and len(chunk_rejects):
             first = chunk_rejects.iloc[0]
             row = int(first["row"])
             raise DataValidationError(
@@ -407,11 +403,12 @@ def score_file(
             )
         writer.write(result.output)
         if snapshot is not None:
-            snapshot.write(chunk.table, chunk.rows, result.output, chunk_rejects["row"].to_numpy(np.int64))
-        if rejects_writer is not None:
+            rows = np.empty(0, np.int64) if chunk_rejects is None else chunk_rejects["row"].to_numpy(np.int64)
+            snapshot.write(chunk.table, chunk.rows, result.output, rows)
+        if rejects_writer is not None and chunk_rejects is not None:
             rejects_writer.write(chunk_rejects)
         scored += result.output.num_rows
-        rejected += len(chunk_rejects)
+        rejected += 0 if chunk_rejects is None else len(chunk_rejects)
         counts.update(_value_counts(result.output.column(SEGMENT_COLUMN)))
         if on_progress is not None:
             on_progress(BatchProgress(scored + rejected, rejected, chunk.fraction))
@@ -465,6 +462,18 @@ def score_file(
         "scored %s rows (%s rejected) from %s in %.1fs", f"{scored:,}", f"{rejected:,}", input, seconds
     )
     return summary
+
+
+def _with_malformed(rejects: pd.DataFrame | None, malformed: list[MalformedRecord]) -> pd.DataFrame | None:
+    """A chunk's rejects with its malformed records (rows the reader could not parse), in row order."""
+    if not malformed:
+        return rejects
+    import pandas as pd  # only when something was rejected: a clean run never imports pandas
+
+    parse = pd.DataFrame(malformed, columns=list(REJECT_COLUMNS))
+    if rejects is None:
+        return parse
+    return pd.concat([parse, rejects], ignore_index=True).sort_values("row", kind="stable")
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:

@@ -176,13 +176,14 @@ def _score_partition(
             result = score_chunk(frame, scorer, version, row_numbers=rows, reasons=reasons)
             scored = result.output.append_column(REASON_COLUMN, pa.nulls(result.output.num_rows, pa.string()))
             parts = [scored.cast(schema)]
-            if len(result.rejects):
-                n = len(result.rejects)
+            rejects = result.rejects
+            if rejects is not None and len(rejects):
+                n = len(rejects)
                 columns = {
                     f.name: pa.nulls(n, f.type) for f in schema if f.name not in (ID_COLUMN, REASON_COLUMN)
                 }
-                columns[ID_COLUMN] = pa.array(result.rejects[ID_COLUMN].astype(str), pa.string())
-                columns[REASON_COLUMN] = pa.array(result.rejects[REASON_COLUMN].astype(str), pa.string())
+                columns[ID_COLUMN] = pa.array(rejects[ID_COLUMN].astype(str), pa.string())
+                columns[REASON_COLUMN] = pa.array(rejects[REASON_COLUMN].astype(str), pa.string())
                 parts.append(pa.table([columns[f.name] for f in schema], schema=schema))
             yield from pa.concat_tables(parts).to_batches()
 

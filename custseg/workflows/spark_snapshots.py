@@ -60,7 +60,10 @@ def _snapshot_partition(
             result = score_chunk(batch.to_pandas(), scorer, bundle.version, row_numbers=rows)
             if result.output.num_rows == 0:
                 continue
-            keep = ~np.isin(rows, result.rejects["row"].to_numpy(np.int64))
+            rejected = (
+                np.empty(0, np.int64) if result.rejects is None else result.rejects["row"].to_numpy(np.int64)
+            )
+            keep = ~np.isin(rows, rejected)
             features = typed_features(pa.Table.from_batches([batch]).filter(pa.array(keep)))
             yield from snapshot_table(result.output, features, model_name).cast(schema).to_batches()
 

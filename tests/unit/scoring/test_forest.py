@@ -223,3 +223,29 @@ def test_encoding_is_the_same_for_a_request_and_a_batch(rows: int, dtype: type) 
     matrix = encode_columns(to_columns(frame), names, dtype)
     assert matrix.dtype == dtype and matrix.shape == (rows, len(names)) and matrix.flags.c_contiguous
     np.testing.assert_array_equal(matrix, expected.astype(dtype))
+
+
+def test_check_rows_are_read_without_pandas_as_the_frame_path_reads_them(
+    training: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The model check on every load builds its inputs from the bundle's records (`record_columns`):
+    the same arrays as ``to_columns(prepare_frame(frame))``, any casing of gender included."""
+    from custseg.errors import ModelLoadError
+    from custseg.scoring.scorer import prepare_frame, record_columns
+
+    folder = tmp_path / "rf"
+    write_bundle(folder, fitted("rf_default", training), generate(50, seed=8), {})
+    records = json.loads((folder / "bundle.json").read_text())["check_rows"]
+    records[0] = {**records[0], "gender": " male "}
+    expected = to_columns(prepare_frame(pd.DataFrame(records)))
+    columns = record_columns(records)
+    assert list(columns) == list(expected)
+    for name, values in expected.items():
+        assert columns[name].dtype == values.dtype and columns[name].shape == values.shape
+        np.testing.assert_array_equal(columns[name], values)
+    with pytest.raises(ModelLoadError, match="gender"):
+        record_columns([{**records[0], "gender": "Other"}])
+    with pytest.raises(ModelLoadError, match="malformed"):
+        record_columns([{k: v for k, v in records[0].items() if k != "age"}])
+    with pytest.raises(ModelLoadError, match="malformed"):
+        record_columns([{**records[0], "age": "old"}])
