@@ -156,21 +156,23 @@ static inline __attribute__((always_inline)) void sum_leaves(const Forest *f, co
     }
 }
 
-/* Each row's mask of possible leaves: per feature, find its bucket and AND that bucket's table row. */
-#define DEFINE_MASKS(NAME, REAL)                                                                             \
+/* Each row's table row for each feature: the row of the feature's bucket, b = how many of its thresholds
+ * x exceeds (NaN exceeds none, as in the node walk); -1 for a feature no tree tests, whose one row only
+ * clears padding bits (the first feature's row is always used: it starts the mask). A pass of its own
+ * before the ANDs: the rows' binary searches are independent of one another and overlap. */
+#define DEFINE_TABLE_ROWS(NAME, REAL)                                                                        \
     static inline __attribute__((always_inline)) void NAME(const Forest *f, const REAL *matrix,            \
                                                            const REAL *bounds, Py_ssize_t rows,             \
-                                                           uint16_t *masks) {                               \
-        const Py_ssize_t nw = f->n_words;                                                                   \
+                                                           int32_t *table_rows) {                           \
         for (Py_ssize_t r = 0; r < rows; r++) {                                                             \
             const REAL *x = matrix + r * f->n_columns;                                                      \
-            uint16_t *m = masks + r * nw;                                                                   \
+            int32_t *out = table_rows + r * f->n_columns;                                                   \
             for (Py_ssize_t j = 0; j < f->n_columns; j++) {                                                 \
                 const int32_t lo = f->bound_offsets[j], count = f->bound_offsets[j + 1] - lo;               \
                 if (count == 0 && j > 0) {                                                                  \
-                    continue; /* no tree tests this feature: its one row only clears padding bits */        \
+                    out[j] = -1;                                                                            \
+                    continue;                                                                               \
                 }                                                                                           \
-                /* bucket = how many thresholds x exceeds (NaN exceeds none, as in the node walk) */        \
                 const REAL *t = bounds + lo;                                                                \
                 const REAL value = x[j];                                                                    \
                 int32_t bucket = 0, len = count;                                                            \
@@ -180,33 +182,48 @@ static inline __attribute__((always_inline)) void sum_leaves(const Forest *f, co
                     len -= half;                                                                            \
                 }                                                                                           \
                 bucket += len == 1 && t[bucket] < value;                                                    \
-                const uint16_t *row = f->tables + ((int64_t)lo + j + bucket) * nw;                          \
-                if (j == 0) {                                                                               \
-                    memcpy(m, row, (size_t)nw * sizeof *m);                                                 \
-                } else {                                                                                    \
-                    for (Py_ssize_t w = 0; w < nw; w++) {                                                   \
-                        m[w] &= row[w];                                                                     \
-                    }                                                                                       \
-                }                                                                                           \
+                out[j] = lo + (int32_t)j + bucket;                                                          \
             }                                                                                               \
         }                                                                                                   \
     }
 
-DEFINE_MASKS(masks32, float)
-DEFINE_MASKS(masks64, double)
+DEFINE_TABLE_ROWS(table_rows32, float)
+DEFINE_TABLE_ROWS(table_rows64, double)
+
+/* Each row's mask of possible leaves: the AND of its features' table rows, vectorised across all trees. */
+static inline __attribute__((always_inline)) void and_masks(const Forest *f, const int32_t *table_rows,
+                                                            Py_ssize_t rows, uint16_t *masks) {
+    const Py_ssize_t nw = f->n_words;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const int32_t *own = table_rows + r * f->n_columns;
+        uint16_t *restrict m = masks + r * nw;
+        memcpy(m, f->tables + (int64_t)own[0] * nw, (size_t)nw * sizeof *m);
+        for (Py_ssize_t j = 1; j < f->n_columns; j++) {
+            if (own[j] < 0) {
+                continue;
+            }
+            const uint16_t *restrict row = f->tables + (int64_t)own[j] * nw;
+            for (Py_ssize_t w = 0; w < nw; w++) {
+                m[w] &= row[w];
+            }
+        }
+    }
+}
 
 /* Compiled twice (AVX2 and plain x86-64 SSE2), the processor's best picked at load time: the same IEEE
  * operations either way, only wider. */
 __attribute__((target_clones("avx2", "default"))) static void score(const Forest *f, const void *matrix, const void *bounds, int doubles, uint16_t *masks,
                   Py_ssize_t block) {
     double sums[MAX_BLOCK * MAX_CLASSES];
+    int32_t table_rows[MAX_BLOCK * MAX_COLUMNS];
     for (Py_ssize_t start = 0; start < f->n; start += block) {
         Py_ssize_t rows = f->n - start < block ? f->n - start : block;
         if (doubles) {
-            masks64(f, (const double *)matrix + start * f->n_columns, bounds, rows, masks);
+            table_rows64(f, (const double *)matrix + start * f->n_columns, bounds, rows, table_rows);
         } else {
-            masks32(f, (const float *)matrix + start * f->n_columns, bounds, rows, masks);
+            table_rows32(f, (const float *)matrix + start * f->n_columns, bounds, rows, table_rows);
         }
+        and_masks(f, table_rows, rows, masks);
         if (f->width == 4) {
             sum_leaves(f, masks, rows, sums, 4);
         } else {
