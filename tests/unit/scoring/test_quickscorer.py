@@ -239,8 +239,23 @@ def test_the_kernel_checks_its_arrays_itself(training: pd.DataFrame) -> None:
         call(7, np.empty((9, 3)))
     with pytest.raises(ValueError, match="C-contiguous"):
         call(7, np.empty((10, 6))[:, ::2])
-    call(3, np.zeros_like(t.tables))  # no leaf left anywhere: clamped to each tree's last leaf
-    expected = np.zeros(3)
-    for last in t.leaf_offsets[1:] - 1:
-        expected += t.values[last, :3]
-    np.testing.assert_array_equal(out, np.tile(expected, (10, 1)))
+
+    def summed(leaf_rows: np.ndarray) -> np.ndarray:  # tree after tree from 0.0, as the kernel adds
+        total = np.zeros(3)
+        for row in leaf_rows:
+            total += t.values[row, :3]
+        return np.tile(total, (10, 1))
+
+    last_leaves = t.leaf_offsets[1:] - 1
+    call(3, np.zeros_like(t.tables))  # no leaf left anywhere: each tree's last leaf
+    np.testing.assert_array_equal(out, summed(last_leaves))
+    call(3, np.full_like(t.tables, 0xFFFF))  # every bit left, past the last leaves too: each first leaf
+    np.testing.assert_array_equal(out, summed(t.leaf_offsets[:-1]))
+    # only bits past each tree's leaves (which a well-built table never sets): still the last leaf
+    past = np.zeros_like(t.tables)
+    for tree in range(len(t.tree_words) - 1):
+        first, leaves = t.tree_words[tree], t.leaf_offsets[tree + 1] - t.leaf_offsets[tree]
+        for bit in range(leaves, 16 * (t.tree_words[tree + 1] - first)):
+            past[:, first + bit // 16] |= np.uint16(1 << (bit % 16))
+    call(3, past)
+    np.testing.assert_array_equal(out, summed(last_leaves))
