@@ -28,8 +28,8 @@
  * the tree's words (trees of up to 64 leaves without a branch), a count of trailing zeros and one vector add.
  *
  * Shapes and offsets are checked before scoring (O(columns + trees)); the tables are built by
- * quickscorer.py from a checked forest, and an exit leaf is clamped to its tree, so even a wrong table
- * cannot read outside the arrays. The scoring runs without the GIL.
+ * quickscorer.py from a checked forest, and an exit leaf is always one of its tree's leaves (`exit_leaf`),
+ * so even a wrong table cannot read outside the arrays. The scoring runs without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -96,7 +96,7 @@ static inline __attribute__((always_inline)) int32_t exit_leaf(const uint16_t *m
     if (leaves <= 64) {
         uint64_t bits;
         memcpy(&bits, m + first, sizeof bits);
-        return __builtin_ctzll(bits | (uint64_t)1 << (leaves - 1));
+        return __builtin_ctzll(bits | ((uint64_t)1 << (leaves - 1)));
     }
     int32_t w = first;
     while (w + 1 < last && m[w] == 0) {
