@@ -31,6 +31,7 @@ _NUMPY_TYPES: dict[pa.DataType, np.dtype] = {
         (pa.uint8(), np.uint8),
     )
 }
+_ARROW_TYPES: dict[np.dtype, pa.DataType] = {dtype: kind for kind, dtype in _NUMPY_TYPES.items()}
 
 
 def numbers(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -54,7 +55,7 @@ def arrow_numbers(values: np.ndarray) -> pa.Array:
     """A one-dimensional NumPy array of integers or floats as an Arrow array without nulls, sharing its
     memory when it is contiguous (the Arrow array keeps it alive)."""
     values = np.ascontiguousarray(values)
-    kind = next((t for t, d in _NUMPY_TYPES.items() if d == values.dtype), None)
+    kind = _ARROW_TYPES.get(values.dtype)
     if kind is None or values.ndim != 1:
         raise TypeError(f"arrow_numbers() takes one-dimensional integers or floats, not {values.dtype}")
     return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
@@ -67,3 +68,19 @@ def texts(values: Sequence[str]) -> pa.StringArray:
     offsets[1:] = np.cumsum([len(b) for b in encoded], dtype=np.int64)
     buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
     return pa.Array.from_buffers(pa.string(), len(encoded), buffers)
+
+
+def is_text(kind: pa.DataType) -> bool:
+    """True for Arrow's string types (string and large string)."""
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def text_cells(values: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, data) of a non-empty string or large-string array, read from its buffers without a
+    copy: cell ``i`` is the UTF-8 bytes ``data[starts[i]:ends[i]]`` (``data`` is empty when no cell has
+    a byte). For looks at a byte or two of every cell, where a compute function would touch them all."""
+    _, offsets_buffer, data_buffer = values.buffers()
+    width = np.int64 if pa.types.is_large_string(values.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, width)[values.offset : values.offset + len(values) + 1]
+    data = np.empty(0, np.uint8) if data_buffer is None else np.frombuffer(data_buffer, np.uint8)
+    return offsets[:-1], offsets[1:], data

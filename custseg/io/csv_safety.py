@@ -11,11 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-
-def is_text(kind: pa.DataType) -> bool:
-    """True for Arrow's string types (the only cells a spreadsheet could evaluate)."""
-    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
-
+from custseg.core.arrays import is_text, text_cells
 
 FORMULA_START = (
     r"^(?:[\t\r]"  # a tab or carriage return first: some spreadsheets drop it and read what follows
@@ -51,12 +47,8 @@ def _may_be_formula(array: pa.Array) -> bool:
     the offsets: ~10x cheaper than the regex on a million ids); True sends the column to the regex."""
     if not is_text(array.type) or len(array) == 0:
         return False  # numbers stay numbers
-    _, offsets_buffer, data_buffer = array.buffers()
-    if data_buffer is None or data_buffer.size == 0:
+    starts, ends, data = text_cells(array)
+    if data.size == 0:
         return False  # only empty strings (or nulls)
-    width = np.int64 if pa.types.is_large_string(array.type) else np.int32
-    offsets: np.ndarray = np.frombuffer(offsets_buffer, width)[array.offset : array.offset + len(array) + 1]
-    data = np.frombuffer(data_buffer, np.uint8)
-    starts, ends = offsets[:-1], offsets[1:]
     first = data[np.minimum(starts, len(data) - 1)]
     return bool(np.any(np.greater(ends, starts) & ~_PLAIN_FIRST_BYTE[first]))

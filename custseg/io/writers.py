@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from custseg.io.csv_safety import is_text, spreadsheet_safe
+from custseg.core.arrays import is_text
+from custseg.io.csv_safety import spreadsheet_safe
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from custseg.core.arrays import arrow_numbers, numbers, texts
+from custseg.core.arrays import arrow_numbers, is_text, numbers, text_cells, texts
 from custseg.core.explain import top_indices
 from custseg.errors import DataError, DataValidationError, ExplanationError
 from custseg.schema import FEATURE_NAMES, FEATURES, ID_COLUMN
@@ -213,7 +213,7 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
     ids = table.column(ID_COLUMN)
     if pa.types.is_integer(ids.type):
         ids = pc.cast(ids, pa.string())  # Parquet integer ids: their decimal text, as `_ids` writes them
-    if not _is_text(ids.type) or ids.null_count:
+    if not is_text(ids.type) or ids.null_count:
         return None
     ids = ids.combine_chunks()
     if not _word_ends(ids):
@@ -227,7 +227,7 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
         if column.null_count:
             return None
         if not feature.is_numeric:
-            if not _is_text(column.type):
+            if not is_text(column.type):
                 return None
             categories = texts(feature.categories or ()).cast(column.type)
             codes = pc.index_in(column, value_set=categories)
@@ -237,7 +237,7 @@ def plain_inputs(table: pa.Table) -> tuple[pa.Array, dict[str, np.ndarray]] | No
             columns[feature.name] = canonical.reshape(-1, 1)
             continue
         kind = column.type
-        if not (_is_text(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        if not (is_text(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             return None
         try:
             number = numbers(pc.cast(column, pa.float64()))
@@ -283,17 +283,9 @@ def _word_ends(text: pa.Array) -> bool:
     """True when every cell is non-empty and starts and ends with an ASCII letter, digit or ``_`` (so
     there is nothing to trim): one look at two bytes a cell through the offsets, ~10x cheaper than
     trimming a million ids to compare them. False says nothing; the caller then looks closer."""
-    _, offsets_buffer, data_buffer = text.buffers()
-    if len(text) == 0 or data_buffer is None or data_buffer.size == 0:
+    if len(text) == 0:
         return False
-    width = np.int64 if pa.types.is_large_string(text.type) else np.int32
-    offsets = np.frombuffer(offsets_buffer, width)[text.offset : text.offset + len(text) + 1]
-    data = np.frombuffer(data_buffer, np.uint8)
-    starts, ends = offsets[:-1], offsets[1:]
-    if not np.all(np.greater(ends, starts)):
+    starts, ends, data = text_cells(text)
+    if data.size == 0 or not np.all(np.greater(ends, starts)):
         return False
     return bool(np.all(_WORD_BYTE[data[starts]]) and np.all(_WORD_BYTE[data[ends - 1]]))
-
-
-def _is_text(kind: pa.DataType) -> bool:
-    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from custseg.core.arrays import is_text
 from custseg.core.segments import (
     CUSTOMER,
     MODEL,
@@ -36,7 +37,7 @@ from custseg.core.segments import (
     share_difference,
 )
 from custseg.errors import SnapshotError
-from custseg.io.csv_safety import is_text, spreadsheet_safe
+from custseg.io.csv_safety import spreadsheet_safe
 from custseg.io.snapshots import REASON_PREFIX, SnapshotStore
 from custseg.schema import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURES_BY_NAME, NUMERIC_FEATURES
 from custseg.settings import Settings

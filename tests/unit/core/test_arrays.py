@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from custseg.core.arrays import arrow_numbers, numbers, texts
+from custseg.core.arrays import arrow_numbers, is_text, numbers, text_cells, texts
 
 NUMERIC = [pa.float64(), pa.float32(), pa.int64(), pa.int32(), pa.int16(), pa.int8(), pa.uint8(), pa.uint64()]
 
@@ -79,12 +79,26 @@ def test_texts_equal_pa_array(values: list[str]) -> None:
     assert got.equals(expected)
 
 
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string()], ids=str)
+def test_text_cells_are_each_cells_utf8_bytes(kind: pa.DataType) -> None:
+    whole = pa.array(["C1", "", "é日", " =x ", "last"], kind)
+    assert is_text(kind)
+    for values in (whole, whole.slice(1), whole.slice(2, 2)):  # offsets into the buffers
+        starts, ends, data = text_cells(values)
+        got = [bytes(data[a:b]) for a, b in zip(starts, ends, strict=True)]
+        assert got == [cell.encode() for cell in values.to_pylist()]
+    starts, ends, data = text_cells(pa.array(["", ""], kind))
+    assert data.size == 0 and list(ends - starts) == [0, 0]
+    assert not is_text(pa.binary()) and not is_text(pa.int64())
+
+
 def test_none_of_them_imports_pandas() -> None:
     probe = (
         "import sys, numpy as np, pyarrow as pa\n"
-        "from custseg.core.arrays import arrow_numbers, numbers, texts\n"
+        "from custseg.core.arrays import arrow_numbers, is_text, numbers, text_cells, texts\n"
         "numbers(pa.chunked_array([arrow_numbers(np.arange(3.0)), arrow_numbers(np.arange(2.0))]))\n"
         "texts(['a']).take(arrow_numbers(np.zeros(3, np.int32)))\n"
+        "text_cells(texts(['a', 'bc']))\n"
         "print('pandas' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
