@@ -61,7 +61,10 @@ def custseg_serve(
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Run ``custseg serve`` as a subprocess until it is ready; yields (process, base URL).
 
-    The process is terminated on exit if the test did not stop it."""
+    The process is terminated on exit if the test did not stop it. It runs in a session of its own, and
+    whatever is left of that session on exit is killed: a test that kills the supervisor with SIGKILL
+    (as an operator's kill -9 would) leaves its worker processes serving, which the test must not leave
+    behind on the machine."""
     port = free_port()
     full_env = {**os.environ, **env}
     with log_path.open("wb") as log:
@@ -70,6 +73,7 @@ def custseg_serve(
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -77,6 +81,8 @@ def custseg_serve(
             yield process, url
         finally:
             stop(process, timeout=30)
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float | None:
