@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from custseg.cli.app import app, console, err_console
-from custseg.settings import Settings
+from custseg.cli.app import app, console, err_console, load_settings
 
 
 @app.command()
@@ -70,7 +69,8 @@ def inspect(
 
     if format not in ("table", "json"):
         raise typer.BadParameter("use table or json", param_hint="--format")
-    report = profile_file(data, seed=Settings().seed, cv_folds=Settings().cv_folds)
+    settings = load_settings()
+    report = profile_file(data, seed=settings.seed, cv_folds=settings.cv_folds)
     if format == "json":
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

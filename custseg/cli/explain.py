@@ -11,10 +11,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from custseg.cli.app import app, console
+from custseg.cli.app import app, console, load_settings
 from custseg.core.explain import format_value
 from custseg.errors import DataError
-from custseg.settings import Settings
 
 
 @app.command()
@@ -68,7 +67,7 @@ def explain(
         customer = customer_from_json(text, json_file.name)
     else:
         customer = customer_from_table(csv, row=row, customer_id=customer_id)  # type: ignore[arg-type]
-    result = explain_customer(Settings(), customer, model_uri=model_uri)
+    result = explain_customer(load_settings(), customer, model_uri=model_uri)
     if format == "json":
         typer.echo(json.dumps(result.to_dict(top), indent=2))
         return

@@ -13,8 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from custseg.cli.app import app, console, err_console
-from custseg.settings import Settings
+from custseg.cli.app import app, console, err_console, load_settings
 
 
 @app.command()
@@ -66,7 +65,7 @@ def monitor(
         raise typer.BadParameter("use table or json", param_hint="--format")
     if current is not None and (since or until):
         raise typer.BadParameter("--since/--until select log rows; they cannot be used with --current")
-    settings = Settings()
+    settings = load_settings()
     given = {"p_value": p_value, "psi": psi, "psi_warn": psi_warn, "effect": effect, "min_rows": min_rows}
     thresholds = replace(
         DriftThresholds.from_settings(settings),
@@ -238,7 +237,7 @@ def feedback(
             f"(found: {', '.join(map(str, frame.columns))})"
         )
     records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-    log = PredictionLog.from_settings(Settings())
+    log = PredictionLog.from_settings(load_settings())
     try:
         result = log.record_feedback(records)
     finally:

@@ -14,8 +14,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from custseg.cli.app import app, console, err_console
-from custseg.settings import Settings
+from custseg.cli.app import app, console, err_console, load_settings
 
 
 @app.command()
@@ -85,7 +84,7 @@ def score(
     """
     from custseg.workflows.batch import DEFAULT_CHUNK_ROWS, EXIT_REJECTED, BatchProgress, score_file
 
-    settings = Settings().model_copy(update={"model_uri": model} if model else {})
+    settings = load_settings(**({"model_uri": model} if model else {}))
     from custseg.cli.segments import snapshot_recorder
 
     recorder = snapshot_recorder(settings, snapshot, replace=replace, engine=engine)
@@ -147,14 +146,16 @@ def score(
         raise typer.BadParameter("use local or spark", param_hint="--engine")
 
     counts = " · ".join(f"{label} {n:,}" for label, n in summary.segment_counts.items())
+    # One line per fact at any width (soft_wrap): logs and scripts read them line by line.
     console.print(
         f"scored [bold]{summary.rows_scored:,}[/] rows, rejected [bold]{summary.rows_rejected:,}[/] "
         f"in {summary.seconds:.1f}s ({summary.rows_per_second:,.0f} rows/s, {summary.engine} engine, "
         f"model version {escape(summary.model_version)})",
         highlight=False,
+        soft_wrap=True,
     )
-    console.print(f"segments: {counts}", highlight=False)
-    console.print(f"output: {escape(summary.output)}", highlight=False)
+    console.print(f"segments: {counts}", highlight=False, soft_wrap=True)
+    console.print(f"output: {escape(summary.output)}", highlight=False, soft_wrap=True)
     if recorder is not None:
         recorder.finish(summary)
     if summary.rows_rejected:
@@ -162,6 +163,7 @@ def score(
             f"[yellow]rejects: {escape(str(summary.rejects))}[/] ({summary.rows_rejected:,} rows; "
             f"exit code {EXIT_REJECTED})",
             highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(EXIT_REJECTED)
 

@@ -13,12 +13,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from custseg.cli.app import app, console
+from custseg.cli.app import app, console, load_settings
 from custseg.errors import SnapshotError
-from custseg.settings import Settings
 
 if TYPE_CHECKING:
     from custseg.io.snapshots import SnapshotStore, SnapshotWriter
+    from custseg.settings import Settings
     from custseg.workflows.batch import BatchSummary
     from custseg.workflows.recording import SnapshotRecording
 
@@ -47,7 +47,7 @@ def _date(text: str, option: str) -> date:
 def _store() -> SnapshotStore:
     from custseg.io.snapshots import SnapshotStore
 
-    return SnapshotStore.from_settings(Settings())
+    return SnapshotStore.from_settings(load_settings())
 
 
 def _check_format(fmt: str) -> None:
@@ -120,7 +120,7 @@ def moves(since: FromDate, until: ToDate, format: Format = "table") -> None:
     from custseg.workflows.segments import segment_moves
 
     _check_format(format)
-    result = segment_moves(Settings(), _store(), _date(since, "--from"), _date(until, "--to"))
+    result = segment_moves(load_settings(), _store(), _date(since, "--from"), _date(until, "--to"))
     if format == "json":
         typer.echo(json.dumps(result, indent=2))
         return

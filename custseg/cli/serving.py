@@ -9,9 +9,8 @@ from typing import Annotated
 
 import typer
 
-from custseg.cli.app import app, console, err_console
+from custseg.cli.app import app, console, err_console, load_settings
 from custseg.redact import redact_uri
-from custseg.settings import Settings
 
 
 @app.command()
@@ -20,7 +19,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on this project's tracking store (loopback only by default)."""
-    settings = Settings()
+    settings = load_settings()
     if settings.tracking_uri:
         console.print(f"MLFLOW_TRACKING_URI is set: open {redact_uri(settings.tracking_uri)} in a browser.")
         return
@@ -80,7 +79,7 @@ def serve(
         overrides["model_uri"] = model
     if poll_seconds is not None:
         overrides["model_poll_seconds"] = poll_seconds
-    settings = Settings().model_copy(update=overrides)
+    settings = load_settings(**overrides)
     check_bind(host, settings, insecure=insecure)
     if settings.prediction_log_enabled:  # a missing database driver stops here, not in every worker
         check_driver(settings.effective_prediction_log_url)

@@ -14,11 +14,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from custseg.cli.app import app, console
+from custseg.cli.app import app, console, load_settings
 from custseg.cli.scoring import _class_counts, _fmt
 from custseg.redact import redact_uri
 from custseg.registry.cache import refresh_champion
-from custseg.settings import Settings
 
 
 @app.command()
@@ -33,7 +32,7 @@ def train(
     from custseg.io.tables import load_dataset
     from custseg.workflows.train import train_and_register
 
-    settings = Settings()
+    settings = load_settings()
     frame = load_dataset(data)
     console.print(f"[bold]{escape(str(data))}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
     with Progress(
@@ -113,7 +112,7 @@ def models() -> None:
     """List registered versions with their aliases and held-out metrics."""
     from custseg.registry.client import list_versions
 
-    settings = Settings()
+    settings = load_settings()
     versions = list_versions(settings)
     if not versions:
         console.print(f"no versions of {settings.model_name} yet: run `custseg train --data PATH`")
@@ -144,7 +143,7 @@ def promote(version: Annotated[str, typer.Argument(help="Model version to make c
     """Move the champion alias to VERSION deliberately (a running API picks it up on its next poll)."""
     from custseg.registry.gate import promote as promote_version
 
-    settings = Settings()
+    settings = load_settings()
     ref, previous = promote_version(settings, version)
     refresh_champion(settings)
     before = f"from version {previous}" if previous else "(there was none)"
@@ -160,7 +159,7 @@ def retrain(
     from custseg.io.tables import load_dataset
     from custseg.workflows.retrain import retrain as retrain_model
 
-    settings = Settings()
+    settings = load_settings()
     frame = load_dataset(data)
     console.print(f"[bold]{escape(str(data))}[/]: {len(frame):,} valid rows; " + _class_counts(frame))
     with console.status("training the challenger (cross-validated model selection)"):

@@ -38,10 +38,10 @@ from urllib.parse import quote, unquote
 
 from custseg.errors import BundleVerificationError, ModelLoadError
 from custseg.scoring.verification import DIGESTS_TAG, decode_digests, verify_bundle
-from custseg.settings import Settings
 
 if TYPE_CHECKING:
     from custseg.scoring.scorer import Scorer
+    from custseg.settings import Settings
 
 
 logger = logging.getLogger(__name__)

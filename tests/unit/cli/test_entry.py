@@ -1,5 +1,5 @@
-"""The console script's start-up: the CLI imported with the collector off, then frozen; settings'
-descriptions read only when asked."""
+"""The console script's start-up: the CLI imported with the collector off, then frozen; the settings
+imported when a command needs them, the same way; settings' descriptions read only when asked."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from pydantic._internal._docs_extraction import extract_docstrings_from_cls
 
 from custseg.settings import Settings, field_descriptions
@@ -20,7 +21,28 @@ try:
 except SystemExit as exc:
     code = exc.code
 print(json.dumps({"code": code, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
-                  "cli": "custseg.cli" in sys.modules, "pandas": "pandas" in sys.modules}))
+                  "cli": "custseg.cli" in sys.modules, "pandas": "pandas" in sys.modules,
+                  "settings": "pydantic_settings" in sys.modules}))
+"""
+LATE = """
+import gc, json, sys
+import custseg._entry as entry
+sys.argv = ["custseg", "--help"]
+try:
+    entry.main()
+except SystemExit:
+    pass
+before = gc.get_freeze_count()
+from custseg.cli.app import load_settings
+settings = load_settings(seed=7)
+print(json.dumps({"before": before, "after": gc.get_freeze_count(), "enabled": gc.isenabled(),
+                  "seed": settings.seed, "folds": settings.cv_folds}))
+"""
+LIBRARY = """
+import gc, json
+from custseg.cli.app import load_settings
+settings = load_settings()
+print(json.dumps({"frozen": gc.get_freeze_count(), "enabled": gc.isenabled(), "seed": settings.seed}))
 """
 BARE = "import gc, json; gc.freeze(); print(json.dumps(gc.get_freeze_count()))"
 
@@ -42,6 +64,29 @@ def test_commands_that_read_no_data_do_not_import_pandas() -> None:
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     state = json.loads(result.stdout.strip().splitlines()[-1])
     assert state["code"] == 0 and not state["pandas"]
+
+
+def test_the_cli_starts_without_the_settings() -> None:
+    # pydantic-settings (with asyncio and its cloud sources) is a tenth of a second of a start:
+    # `custseg --help` and the commands that need no settings never import it
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state["code"] == 0 and not state["settings"]
+
+
+def test_a_command_imports_the_settings_as_the_cli_was_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUSTSEG_CV_FOLDS", "4")
+    result = subprocess.run([sys.executable, "-c", LATE], capture_output=True, text=True, check=True)
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (state["seed"], state["folds"]) == (7, 4)  # overrides over the environment
+    assert state["enabled"]
+    assert state["after"] > state["before"] + 1000, "the settings' import is frozen like the CLI's"
+
+
+def test_as_a_library_the_settings_leave_the_collector_alone() -> None:
+    result = subprocess.run([sys.executable, "-c", LIBRARY], capture_output=True, text=True, check=True)
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state == {"frozen": 0, "enabled": True, "seed": 42}
 
 
 def test_field_descriptions_equal_pydantics_attribute_docstrings() -> None:

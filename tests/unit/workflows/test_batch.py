@@ -184,6 +184,24 @@ def test_cli_scores_and_prints_a_summary(
     assert (result["segment"].to_numpy() == expected.labels).all()
 
 
+def test_cli_summary_lines_are_not_wrapped(
+    tmp_path: Path,
+    trained_home: TrainedHome,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a script or a log reads the summary line by line: a long path must not be cut in two
+    write_generated(tmp_path / "customers.csv", 300, seed=6)
+    name = f"{'a' * 110}/{'b' * 110}/scored.csv"  # longer than any console width the tests use
+    code, out, err = run_main(
+        ["customers.csv", "--out", name], trained_home.home, tmp_path, monkeypatch, capsys
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"output: {name}" in lines
+    assert any(line.startswith("scored 300 rows") and line.endswith("model version 1)") for line in lines)
+
+
 SCORE_PROBE = """
 import json, sys
 import custseg._entry as entry
