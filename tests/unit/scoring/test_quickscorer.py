@@ -259,3 +259,21 @@ def test_the_kernel_checks_its_arrays_itself(training: pd.DataFrame) -> None:
             past[:, first + bit // 16] |= np.uint16(1 << (bit % 16))
     call(3, past)
     np.testing.assert_array_equal(out, summed(last_leaves))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_distinct_thresholds_equal_numpys_unique(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    cases = [
+        np.zeros(0),
+        np.array([2.5]),
+        np.array([1.0, 1.0, 1.0]),
+        rng.integers(0, 40, 500).astype(float) / 4,  # many repeats, unsorted
+        rng.normal(size=1_000),
+        np.array([np.finfo(dtype).max, -np.finfo(dtype).max, 0.0, np.nextafter(dtype(0), dtype(1))]),
+    ]
+    for values in cases:
+        values = values.astype(dtype)
+        got, expected = quickscorer._distinct(values), np.unique(values)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
