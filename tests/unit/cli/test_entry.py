@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from pydantic._internal._docs_extraction import extract_docstrings_from_cls
@@ -47,45 +48,44 @@ print(json.dumps({"frozen": gc.get_freeze_count(), "enabled": gc.isenabled(), "s
 BARE = "import gc, json; gc.freeze(); print(json.dumps(gc.get_freeze_count()))"
 
 
+def probe(code: str) -> Any:
+    """What a fresh interpreter running ``code`` printed last, as JSON."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_console_script_freezes_the_imported_cli_and_leaves_the_collector_on() -> None:
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = probe(PROBE)
     assert state["code"] == 0 and state["cli"]
     assert state["enabled"], "the collector must be on again once the CLI is imported"
     # the CLI's import (pydantic, typer, the commands) is frozen: far more objects than a bare interpreter's
-    bare = json.loads(
-        subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True, check=True).stdout
-    )
+    bare = probe(BARE)
     assert state["frozen"] > 5 * bare
 
 
 def test_commands_that_read_no_data_do_not_import_pandas() -> None:
     # pandas is a sixth of a second of every start; the commands import it where they read tables
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = probe(PROBE)
     assert state["code"] == 0 and not state["pandas"]
 
 
 def test_the_cli_starts_without_the_settings() -> None:
     # pydantic-settings (with asyncio and its cloud sources) is a tenth of a second of a start:
     # `custseg --help` and the commands that need no settings never import it
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = probe(PROBE)
     assert state["code"] == 0 and not state["settings"]
 
 
 def test_a_command_imports_the_settings_as_the_cli_was_imported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUSTSEG_CV_FOLDS", "4")
-    result = subprocess.run([sys.executable, "-c", LATE], capture_output=True, text=True, check=True)
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = probe(LATE)
     assert (state["seed"], state["folds"]) == (7, 4)  # overrides over the environment
     assert state["enabled"]
     assert state["after"] > state["before"] + 1000, "the settings' import is frozen like the CLI's"
 
 
 def test_as_a_library_the_settings_leave_the_collector_alone() -> None:
-    result = subprocess.run([sys.executable, "-c", LIBRARY], capture_output=True, text=True, check=True)
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = probe(LIBRARY)
     assert state == {"frozen": 0, "enabled": True, "seed": Settings().seed}
 
 
