@@ -8,8 +8,9 @@ Pure functions: candidates in, per-fold scores out (no MLflow, no files).
 * ``score_candidates`` — fits every (candidate, fold) pair, in parallel with joblib; returns one row per
   fold with macro-F1, balanced accuracy, accuracy and the fit time.
 * ``summarise`` + ``select`` — mean macro-F1 and its standard error per candidate; the best mean wins,
-  except that the *simplest* candidate within one standard error of the best (paired, on the same
-  folds) is preferred (``simplicity``: a single tree < forests < boosted trees, then the smaller model).
+  except that the *smallest* candidate of the same family within one standard error of the best
+  (paired, on the same folds) is preferred (``simplicity``: a single tree < forests < boosted trees,
+  then the smaller model; the family only breaks exact ties across families).
 * ``paired_comparison`` — challenger and champion scored on the same folds: the mean of the per-fold
   differences, its standard error corrected for the overlap of the folds' training parts (Nadeau &
   Bengio's corrected resampled t-test) and the one-sided probability that the challenger is better.
@@ -178,32 +179,48 @@ class Selection:
     reason: str
 
 
-def select(folds: pd.DataFrame, summary: pd.DataFrame, keys: dict[str, tuple[int, float]]) -> Selection:
-    """The best mean macro-F1 — unless a simpler candidate is within one standard error of it.
+def select(
+    folds: pd.DataFrame,
+    summary: pd.DataFrame,
+    keys: dict[str, tuple[int, float]],
+    *,
+    across_families: bool = False,
+) -> Selection:
+    """The best mean macro-F1 — unless a smaller candidate of the same family is within one standard
+    error of it.
 
     "Within one standard error" is judged on the same folds, pairwise: candidate c is eligible when the
     mean of (best − c) per fold is at most the standard error of those differences. Pairing removes the
     fold-to-fold swings every candidate shares (a fold with one ``low_value`` row is hard for all), which
     dominate the unpaired spread on tiny classes. Among the eligible, the smallest ``keys[name]``
-    (`simplicity`) wins, then the earlier candidate.
+    (`simplicity`) wins, then the earlier candidate; equal best means go to the simpler candidate too.
+
+    Only the best candidate's family (``keys[name][0]``) is eligible: a smaller forest may replace a larger
+    one, but a single tree does not replace a forest, nor a forest boosting. ``across_families=True`` is
+    the rule as first shipped (any simpler family eligible), kept to measure against: on the quality
+    benchmark it traded down to one tree, or to a forest from boosting, where the family's best
+    generalised better (docs/benchmarks.md, "Selection within the family").
     """
-    ranked = summary.sort_values("cv_macro_f1_mean", ascending=False, kind="stable")
-    best_name = str(ranked.iloc[0]["candidate"])
-    by_fold = folds.pivot(index="fold", columns="candidate", values="macro_f1")
     position = {str(name): i for i, name in enumerate(summary["candidate"])}
+    means = dict(zip(position, summary["cv_macro_f1_mean"].astype(float), strict=True))
+    best_name = min(position, key=lambda n: (-means[n], keys[n], position[n]))
+    by_fold = folds.pivot(index="fold", columns="candidate", values="macro_f1")
     gaps: dict[str, tuple[float, float]] = {}
     for name in position:
         diff = (by_fold[best_name] - by_fold[name]).to_numpy(dtype=float)
         gaps[name] = (float(diff.mean()), standard_error(diff))
-    eligible = [n for n, (gap, se) in gaps.items() if gap <= se]
+    family = keys[best_name][0]
+    eligible = [n for n, (gap, se) in gaps.items() if gap <= se and (across_families or keys[n][0] == family)]
     chosen = min(eligible, key=lambda n: (keys[n], position[n]))
-    best_mean = float(ranked.iloc[0]["cv_macro_f1_mean"])
+    best_mean = means[best_name]
     if chosen == best_name:
         reason = f"best mean macro-F1 {best_mean:.4f} over {len(by_fold)} folds"
     else:
         gap, se = gaps[chosen]
+        which = "simplest" if across_families else "smallest"
+        scope = "" if across_families else " of its family"
         reason = (
-            f"simplest within one standard error of the best: {gap:.4f} below {best_name} "
+            f"{which} within one standard error of the best{scope}: {gap:.4f} below {best_name} "
             f"({best_mean:.4f}) on the same {len(by_fold)} folds, standard error {se:.4f}"
         )
     return Selection(chosen, best_name, reason)

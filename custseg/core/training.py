@@ -238,8 +238,8 @@ def train(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> TrainingResult:
     """Split 80/20 stratified, score every candidate on the same repeated stratified folds of the 80%,
-    select (best mean macro-F1, or the simplest within one standard error of it when ``one_se``), refit
-    the selected candidate on the whole 80% and evaluate it once on the 20%.
+    select (best mean macro-F1, or the smallest of its family within one standard error of it when
+    ``one_se``), refit the selected candidate on the whole 80% and evaluate it once on the 20%.
 
     ``n_jobs`` folds are fitted in parallel (joblib). ``on_progress(candidate_name, done, total)`` is
     called after each candidate.
