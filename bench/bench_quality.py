@@ -7,7 +7,8 @@ For each draw and rule, a 1,000-row sample is generated (``seed`` = 100 + draw),
 and trained three ways on the same rows:
 
 * ``new`` — ``custseg.core.training.train`` as ``custseg train`` runs it: the class-weighted tree,
-  forests and boosted trees, 5 × 5 repeated stratified folds, one-standard-error selection;
+  forests and boosted trees, 5 × 5 repeated stratified folds, one-standard-error selection within the
+  best candidate's family;
 * ``v1`` — the recipe as it was before issue 16 (``V1_CANDIDATES``: the prototype's two forests, four
   balanced forests, a balanced depth-6 tree and unweighted gradient boosting; one 5-fold split; the best
   mean wins);
@@ -25,10 +26,10 @@ Each model is scored on ``--eval-rows`` independent, noise-free rows labelled by
 Each line also shows three other readings of the same fits (every candidate is refitted on the same
 80% and scored on the evaluation rows; ``--candidates-out`` writes them all with their cross-validated
 means): ``best-mean``, the candidate with the best cross-validated mean, i.e. the new recipe without its
-one-standard-error preference for simpler candidates; ``family-1se``, that preference applied only
-within the best candidate's family (a tree is not preferred over forests or boosting, only a smaller
-forest over a larger one); and ``best-on-eval``, the best candidate on the evaluation rows, a ceiling no
-selection from the training rows can be sure to reach.
+one-standard-error preference for smaller candidates; ``any-1se``, the rule as first shipped, where
+that preference crossed families (a single tree could replace a forest or boosting, a forest boosting);
+and ``best-on-eval``, the best candidate on the evaluation rows, a ceiling no selection from the
+training rows can be sure to reach.
 
 Prints one line per (draw, rule) as it finishes, then the median and minimum macro-F1 per rule and
 recipe, and the paired difference new − v1 (median, and its mean ± standard error over the draws).
@@ -50,7 +51,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from custseg import schema
 from custseg.core.generator import generate
-from custseg.core.selection import FAMILY_ORDER, select, simplicity
+from custseg.core.selection import select, simplicity
 from custseg.core.training import Candidate, build_pipeline, evaluate, prototype_candidate, train
 
 TRAIN_ROWS = 1000
@@ -121,18 +122,14 @@ def macro_f1(pipeline: Any, features: pd.DataFrame, truth: np.ndarray) -> float:
     return evaluate(truth, pipeline.predict(features)).macro_f1
 
 
-def family_one_se(result: Any) -> str:
-    """The one-standard-error rule applied only within the best candidate's family: an alternative
-    selection, computed from the same folds, to compare with the shipped rule (which prefers a simpler
-    family too)."""
-    ranked = result.cv_table.sort_values("cv_macro_f1_mean", ascending=False, kind="stable")
-    best = next(c for c in result.candidates if c.name == str(ranked.iloc[0]["candidate"]))
-    family = FAMILY_ORDER.get(type(best.estimator))
-    names = [c.name for c in result.candidates if FAMILY_ORDER.get(type(c.estimator)) == family]
-    summary = result.cv_table[result.cv_table["candidate"].isin(names)].reset_index(drop=True)
-    folds = result.fold_scores[result.fold_scores["candidate"].isin(names)]
-    keys = {c.name: simplicity(c.estimator) for c in result.candidates if c.name in names}
-    return select(folds, summary, keys).selected
+def first_shipped_rule(result: Any) -> Any:
+    """``select`` again on the same folds with the one-standard-error rule as first shipped (any simpler
+    family within one standard error of the best was preferred), to compare with the shipped rule;
+    ``.best`` is the best mean, ties to the simpler candidate."""
+    keys = {c.name: simplicity(c.estimator) for c in result.candidates}
+    summary = result.cv_table.drop(columns=["rank", "selected"])
+    summary = summary.set_index("candidate").loc[[c.name for c in result.candidates]].reset_index()
+    return select(result.fold_scores, summary, keys, across_families=True)
 
 
 def main() -> None:
@@ -178,9 +175,9 @@ def main() -> None:
                 c.name: macro_f1(build_pipeline(c.estimator).fit(x_train, y_train), features, truth)
                 for c in new.candidates
             }
-            ranked = new.cv_table.sort_values("cv_macro_f1_mean", ascending=False)
-            best_name = str(ranked.iloc[0]["candidate"])  # the best mean, without the one-SE preference
-            family_name = family_one_se(new)
+            old_rule = first_shipped_rule(new)
+            best_name = old_rule.best  # the best mean, without the one-SE preference
+            any_name = old_rule.selected
             for _, cv_row in new.cv_table.iterrows():
                 candidate_rows.append(
                     {
@@ -201,8 +198,8 @@ def main() -> None:
                 "new_selected": new.selected,
                 "best_mean": scores[best_name],
                 "best_mean_candidate": best_name,
-                "family_1se": scores[family_name],
-                "family_1se_candidate": family_name,
+                "any_1se": scores[any_name],
+                "any_1se_candidate": any_name,
                 "best_on_eval": max(scores.values()),
                 "v1": macro_f1(old.pipeline, features, truth),
                 "v1_selected": old.selected,
@@ -214,8 +211,8 @@ def main() -> None:
             print(
                 f"{rule:8} {draw:>4} {row['low_rows']:>4} {row['new']:.4f} {new.selected:31} "
                 f"{row['v1']:.4f} {old.selected:31} {row['prototype']:.4f}  {new_s:.0f}/{old_s:.0f}  "
-                f"best-mean {row['best_mean']:.4f} {best_name}  family-1se {row['family_1se']:.4f} "
-                f"{family_name}  best-on-eval {row['best_on_eval']:.4f}",
+                f"best-mean {row['best_mean']:.4f} {best_name}  any-1se {row['any_1se']:.4f} "
+                f"{any_name}  best-on-eval {row['best_on_eval']:.4f}",
                 flush=True,
             )
             if args.out:
@@ -226,7 +223,7 @@ def main() -> None:
     print()
     print(f"{'rule':8} {'recipe':10} {'median':>7} {'min':>7} {'draws':>5}")
     for rule, part in table.groupby("rule", sort=False):
-        for recipe in ("new", "best_mean", "family_1se", "best_on_eval", "v1", "prototype"):
+        for recipe in ("new", "best_mean", "any_1se", "best_on_eval", "v1", "prototype"):
             values = part[recipe].tolist()
             print(f"{rule:8} {recipe:10} {statistics.median(values):7.4f} {min(values):7.4f} {len(values):5}")
         diff = (part["new"] - part["v1"]).to_numpy()
