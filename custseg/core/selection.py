@@ -198,8 +198,8 @@ def select(
     Only the best candidate's family (``keys[name][0]``) is eligible: a smaller forest may replace a larger
     one, but a single tree does not replace a forest, nor a forest boosting. ``across_families=True`` is
     the rule as first shipped (any simpler family eligible), kept to measure against: on the quality
-    benchmark it traded down to one tree, or to a forest from boosting, where the family's best
-    generalised better (docs/benchmarks.md, "Selection within the family").
+    benchmark its trade-down (to one tree, or from boosting to a forest) lost up to 0.27 macro-F1 on a
+    few draws and was equal within noise on the rest (docs/benchmarks.md, "Selection within the family").
     """
     position = {str(name): i for i, name in enumerate(summary["candidate"])}
     means = dict(zip(position, summary["cv_macro_f1_mean"].astype(float), strict=True))
