@@ -51,7 +51,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from custseg import schema
 from custseg.core.generator import generate
-from custseg.core.selection import select, simplicity
+from custseg.core.selection import select, simplicity, summarise
 from custseg.core.training import Candidate, build_pipeline, evaluate, prototype_candidate, train
 
 TRAIN_ROWS = 1000
@@ -127,8 +127,7 @@ def first_shipped_rule(result: Any) -> Any:
     family within one standard error of the best was preferred), to compare with the shipped rule;
     ``.best`` is the best mean, ties to the simpler candidate."""
     keys = {c.name: simplicity(c.estimator) for c in result.candidates}
-    summary = result.cv_table.drop(columns=["rank", "selected"])
-    summary = summary.set_index("candidate").loc[[c.name for c in result.candidates]].reset_index()
+    summary = summarise(result.fold_scores, [c.name for c in result.candidates])
     return select(result.fold_scores, summary, keys, across_families=True)
 
 

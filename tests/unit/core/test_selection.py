@@ -15,6 +15,7 @@ from sklearn.tree import DecisionTreeClassifier
 from custseg import schema
 from custseg.core.generator import generate
 from custseg.core.selection import (
+    Selection,
     paired_comparison,
     repeated_folds,
     select,
@@ -40,9 +41,15 @@ def _folds(scores: dict[str, list[float]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _select(scores: dict[str, list[float]], keys: dict[str, tuple[int, float]]) -> str:
+def _selection(
+    scores: dict[str, list[float]], keys: dict[str, tuple[int, float]], *, across_families: bool = False
+) -> Selection:
     folds = _folds(scores)
-    return select(folds, summarise(folds, list(scores)), keys).selected
+    return select(folds, summarise(folds, list(scores)), keys, across_families=across_families)
+
+
+def _select(scores: dict[str, list[float]], keys: dict[str, tuple[int, float]]) -> str:
+    return _selection(scores, keys).selected
 
 
 SIMPLE, COMPLEX = (0, 64.0), (2, 4000.0)
@@ -67,8 +74,7 @@ def test_within_one_standard_error_the_smaller_model_of_the_family_wins() -> Non
     # the big forest's mean is higher by 0.0002, but the per-fold gap swings ±0.02 around it
     assert np.mean(WITHIN_ONE_SE) > np.mean(SWINGS)
     keys = {"big": BIG_FOREST, "small": SMALL_FOREST}
-    folds = _folds({"big": WITHIN_ONE_SE, "small": SWINGS})
-    selection = select(folds, summarise(folds, ["big", "small"]), keys)
+    selection = _selection({"big": WITHIN_ONE_SE, "small": SWINGS}, keys)
     assert (selection.selected, selection.best) == ("small", "big")
     assert selection.reason.startswith("smallest within one standard error of the best of its family: ")
     assert "below big" in selection.reason and "same 10 folds" in selection.reason
@@ -80,9 +86,8 @@ def test_a_simpler_family_within_one_standard_error_does_not_replace_the_best() 
     scores = {"boost": WITHIN_ONE_SE, "tree": SWINGS}
     keys = {"tree": SIMPLE, "boost": COMPLEX}
     assert _select(scores, keys) == "boost"
-    folds = _folds(scores)
     # the rule as first shipped, kept to compare with, does trade down
-    first = select(folds, summarise(folds, list(scores)), keys, across_families=True)
+    first = _selection(scores, keys, across_families=True)
     assert (first.selected, first.best) == ("tree", "boost")
     assert first.reason.startswith("simplest within one standard error of the best: ")
 
@@ -90,8 +95,7 @@ def test_a_simpler_family_within_one_standard_error_does_not_replace_the_best() 
 def test_equal_best_means_go_to_the_simpler_family() -> None:
     same = [0.9] * 10
     for order in (["boost", "tree"], ["tree", "boost"]):
-        folds = _folds({name: same for name in order})
-        selection = select(folds, summarise(folds, order), {"tree": SIMPLE, "boost": COMPLEX})
+        selection = _selection({name: same for name in order}, {"tree": SIMPLE, "boost": COMPLEX})
         assert selection.selected == selection.best == "tree"
         assert selection.reason == "best mean macro-F1 0.9000 over 10 folds"
 
